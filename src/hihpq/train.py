@@ -1,0 +1,323 @@
+"""The training loop: epochs, hierarchy refresh, learning-rate schedule, logging, atomic checkpoints, resume.
+
+The loop is written against a *view source*: anything that can hand out two different augmented views of a batch
+of training images, one random view of any image (instance-wise positives), and the clean view of every image (for
+the hierarchy). :class:`CachedViews` serves cached frozen-backbone features; :class:`ImageViews` augments images
+through the backbone on every step (GPUs, fine-tuning).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hihpq.hierarchy import HierarchicalClustering
+from hihpq.losses import HiHPQLoss
+from hihpq.models.hihpq import HiHPQ
+from hihpq.runinfo import atomic_path, write_json
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the message names the step and the last finite values."""
+
+
+class ViewSource(Protocol):
+    n: int
+
+    def pair(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def one(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor: ...
+
+    def clean(self, batch_size: int) -> Iterator[torch.Tensor]: ...
+
+
+class CachedViews:
+    """Cached backbone features: ``views`` (N, V, F) of V augmented views, ``clean`` (N, F); float16 memmaps ok."""
+
+    def __init__(self, views: np.ndarray, clean: np.ndarray):
+        if views.ndim != 3 or clean.ndim != 2 or views.shape[0] != clean.shape[0] or views.shape[2] != clean.shape[1]:
+            raise ValueError(f"views must be (N, V, F) and clean (N, F); got {views.shape} and {clean.shape}")
+        if views.shape[1] < 2:
+            raise ValueError(f"need at least 2 cached views per image, got {views.shape[1]}")
+        self.views, self.clean_feats = views, clean
+        self.n, self.n_views, self.dim = views.shape
+
+    def pair(self, idx, rng):
+        # Two different views of each image: the second is offset from the first by 1..V-1 (mod V).
+        v1 = rng.integers(0, self.n_views, size=len(idx))
+        v2 = (v1 + rng.integers(1, self.n_views, size=len(idx))) % self.n_views
+        order = np.argsort(idx, kind="stable")  # sorted reads are kinder to memmaps
+        x1 = np.empty((len(idx), self.dim), np.float32)
+        x2 = np.empty((len(idx), self.dim), np.float32)
+        x1[order] = self.views[idx[order], v1[order]]
+        x2[order] = self.views[idx[order], v2[order]]
+        return torch.from_numpy(x1), torch.from_numpy(x2)
+
+    def one(self, idx, rng):
+        v = rng.integers(0, self.n_views, size=len(idx))
+        return torch.from_numpy(np.asarray(self.views[idx, v], dtype=np.float32))
+
+    def clean(self, batch_size):
+        for start in range(0, self.n, batch_size):
+            yield torch.from_numpy(np.asarray(self.clean_feats[start : start + batch_size], dtype=np.float32))
+
+
+@dataclass
+class TrainSettings:
+    """Arguments of the loop itself (the ``train`` and ``hierarchy`` config sections)."""
+
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-3
+    warmup_epochs: int = 1
+    min_lr: float = 1e-5
+    levels: list[int] = field(default_factory=lambda: [100, 50, 25])
+    n_subclusters: int | None = None
+    hierarchy_warmup: int = 3
+    hierarchy_interval: int = 1
+    device: str = "cpu"
+    amp: bool = False
+    seed: int = 2021
+    progress: bool = True
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``base`` down to ``minimum``."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return minimum + 0.5 * (base - minimum) * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+class Hierarchy:
+    """The hierarchy of one epoch: per level the labels of every training image and the tangent prototypes."""
+
+    def __init__(self, labels: list[np.ndarray], prototypes: list[np.ndarray]):
+        self.labels = [np.asarray(a, np.int64) for a in labels]
+        self.prototypes = [torch.as_tensor(np.asarray(p, np.float32)) for p in prototypes]
+        # Members of each cluster, contiguous after sorting by cluster, to draw same-prototype positives in O(1).
+        self._order = [np.argsort(a, kind="stable") for a in self.labels]
+        self._rank = [np.argsort(o, kind="stable") for o in self._order]  # position of each image in _order
+        self._starts = [np.searchsorted(a[o], np.arange(len(p) + 1)) for a, o, p in zip(self.labels, self._order, self.prototypes)]
+
+    def positives(self, idx: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """Per level, a uniformly random *other* image of the same cluster (itself only if it is alone)."""
+        out = []
+        for labels, order, rank, starts in zip(self.labels, self._order, self._rank, self._starts):
+            lo, hi = starts[labels[idx]], starts[labels[idx] + 1]
+            own = rank[idx] - lo
+            r = (rng.random(len(idx)) * np.maximum(hi - lo - 1, 1)).astype(np.int64)
+            r = np.where((r >= own) & (hi - lo > 1), r + 1, r)  # skip the anchor's own slot
+            out.append(order[lo + r])
+        return out
+
+    def state(self) -> dict:
+        return {"labels": [torch.from_numpy(a) for a in self.labels], "prototypes": list(self.prototypes)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Hierarchy:
+        return cls([t.numpy() for t in state["labels"]], [t.numpy() for t in state["prototypes"]])
+
+
+class Trainer:
+    """Trains a :class:`HiHPQ` model with the HiHPQ objective; one call to :meth:`fit` runs (or resumes) a run."""
+
+    def __init__(self, model: HiHPQ, loss: HiHPQLoss, settings: TrainSettings, out_dir: str | Path | None = None):
+        self.model, self.loss, self.s = model, loss, settings
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.device = torch.device(settings.device)
+        self.model.to(self.device)
+        no_decay = {id(p) for p in model.quantizer.no_weight_decay_parameters()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if id(p) not in no_decay], "weight_decay": settings.weight_decay},
+            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+        self.epoch = 0
+        self.step = 0
+        self.hierarchy: Hierarchy | None = None
+        self.rng = np.random.default_rng(settings.seed)
+        self.history: list[dict] = []
+
+    # ----------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": _rng_state(self.rng),
+            "torch_rng": torch.get_rng_state(),
+            "hierarchy": self.hierarchy.state() if self.hierarchy else None,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.rng = _rng_from_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.hierarchy = Hierarchy.from_state(state["hierarchy"]) if state["hierarchy"] else None
+        self.history = list(state["history"])
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write the full training state atomically: an interrupted run loses at most the current epoch."""
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------------------------------------- training
+    def fit(self, source: ViewSource, *, resume: bool = False) -> list[dict]:
+        """Train for ``settings.epochs`` epochs (continuing from the checkpoint in out_dir when ``resume``)."""
+        ckpt = self.out_dir / "checkpoint.pt" if self.out_dir else None
+        if resume:
+            if ckpt is None or not ckpt.exists():
+                raise FileNotFoundError(f"--resume given but no checkpoint at {ckpt}")
+            self.load_checkpoint(ckpt)
+        n_batches = max(1, source.n // self.s.batch_size)
+        total_steps = self.s.epochs * n_batches
+        while self.epoch < self.s.epochs:
+            t0 = time.perf_counter()
+            hier_s = self._refresh_hierarchy(source)
+            sums: dict[str, float] = {}
+            perm = self.rng.permutation(source.n)
+            self.model.train()
+            bar = tqdm(range(n_batches), desc=f"epoch {self.epoch + 1}/{self.s.epochs}", disable=not self.s.progress, leave=False)
+            for b in bar:
+                idx = perm[b * self.s.batch_size : (b + 1) * self.s.batch_size]
+                lr = lr_at(self.step, total_steps, self.s.warmup_epochs * n_batches, self.s.lr, self.s.min_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                parts = self._train_step(source, idx)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{parts['loss']:.3f}")
+                self.step += 1
+            record = {k: v / n_batches for k, v in sums.items()}
+            record.update(
+                epoch=self.epoch + 1,
+                lr=lr,
+                hierarchy=self.hierarchy is not None,
+                hierarchy_s=hier_s,
+                epoch_s=time.perf_counter() - t0,
+                curvature=[float(c) for c in self.model.quantizer.curvature.detach().cpu()],
+            )
+            self.history.append(record)
+            self.epoch += 1
+            if self.out_dir:
+                self._write_logs()
+                self.save_checkpoint(ckpt)
+        return self.history
+
+    def _refresh_hierarchy(self, source: ViewSource) -> float:
+        s = self.s
+        lam = self.loss.lambda1 > 0 or self.loss.lambda2 > 0
+        if not lam or not s.levels or self.epoch < s.hierarchy_warmup:
+            return 0.0
+        if (self.epoch - s.hierarchy_warmup) % s.hierarchy_interval:
+            return 0.0
+        t0 = time.perf_counter()
+        self.model.eval()
+        with torch.inference_mode():
+            feats = [self.model.tangent(x.to(self.device)).flatten(1).float().cpu() for x in source.clean(1024)]
+        X = torch.cat(feats).numpy()
+        hc = HierarchicalClustering(levels=tuple(s.levels), n_subclusters=s.n_subclusters, seed=s.seed + self.epoch)
+        hc.fit(X)
+        self.hierarchy = Hierarchy(hc.labels_, hc.prototypes_)
+        return time.perf_counter() - t0
+
+    def _train_step(self, source: ViewSource, idx: np.ndarray) -> dict[str, float]:
+        q = self.model.quantizer
+        x1, x2 = source.pair(idx, self.rng)
+        inputs = [x1, x2]
+        pos_idx: list[np.ndarray] = []
+        if self.hierarchy is not None and self.loss.lambda2 > 0:
+            pos_idx = self.hierarchy.positives(idx, self.rng)
+            inputs += [source.one(p, self.rng) for p in pos_idx]
+        x = torch.cat(inputs).to(self.device, non_blocking=True)
+        B = len(idx)
+        if not torch.isfinite(x).all():
+            rows = np.concatenate([idx, idx, *pos_idx])  # image of each row of x
+            bad = np.unique(rows[~torch.isfinite(x).all(1).cpu().numpy()])
+            raise ValueError(f"non-finite input features for training images {bad[:5].tolist()} "
+                             f"(epoch {self.epoch + 1}, step {self.step}); check the images or the feature cache")
+        with torch.autocast(device_type=self.device.type, enabled=self.s.amp):
+            z = self.model.project(x)
+            if not torch.isfinite(z).all():
+                self._diverged("the embeddings", {})
+            out = self.model.quantizer(z)
+        qs = out.h_soft.float().split(B)
+        prototypes = assignments = None
+        if self.hierarchy is not None and self.loss.lambda1 > 0:
+            # Eq. 17 with the current curvature (so gradients reach it), clipped like the embeddings.
+            prototypes = [q.embed(p.to(self.device)) for p in self.hierarchy.prototypes]
+            assignments = [torch.from_numpy(a[idx]).to(self.device) for a in self.hierarchy.labels]
+        total, parts = self.loss(
+            qs[0],
+            qs[1],
+            distance=q.pairwise_distance,
+            prototypes=prototypes,
+            assignments=assignments,
+            positives=list(qs[2:]) if pos_idx else None,
+        )
+        if not torch.isfinite(total):
+            self._diverged(f"the loss ({total.item()})", parts)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            qerr = q.quantization_error(out.h[:B].float())
+        return {"loss": float(total.detach()), **{k: float(v) for k, v in parts.items()}, "quant_error": float(qerr)}
+
+    def _diverged(self, what: str, parts: dict) -> None:
+        last = {k: v for k, v in self.history[-1].items() if k != "curvature"} if self.history else "none yet"
+        raise TrainingDiverged(
+            f"{what} became non-finite at epoch {self.epoch + 1}, step {self.step} "
+            f"(loss parts: { {k: float(v) for k, v in parts.items()} }); last finite epoch means: {last}. "
+            "Lower train.lr (or train.warmup_epochs up) and resume from the last checkpoint."
+        )
+
+    def _write_logs(self) -> None:
+        write_json(self.out_dir / "log.json", self.history)
+        keys = sorted({k for r in self.history for k in r if k != "curvature"})
+        with atomic_path(self.out_dir / "log.csv") as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([*keys, "curvature"])
+            for r in self.history:
+                w.writerow([r.get(k, "") for k in keys] + [" ".join(f"{c:.4f}" for c in r["curvature"])])
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    st = rng.bit_generator.state
+    return {"bit_generator": st["bit_generator"], "state": {k: int(v) for k, v in st["state"].items()},
+            "has_uint32": int(st["has_uint32"]), "uinteger": int(st["uinteger"])}
+
+
+def _rng_from_state(state: dict) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
