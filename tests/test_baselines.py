@@ -142,9 +142,7 @@ def test_pca_matches_sklearn_and_feeds_faiss():
     mean, comps, var = fit_pca(xtr, 8)
     sk = PCA(n_components=8, svd_solver="full").fit(xtr.astype(np.float64))
     np.testing.assert_allclose(mean, sk.mean_, atol=1e-6)
-    np.testing.assert_allclose(
-        np.abs(comps @ sk.components_.T), np.eye(8), atol=1e-6
-    )  # same axes, up to sign
+    np.testing.assert_allclose(np.abs(comps @ sk.components_.T), np.eye(8), atol=1e-6)  # same axes, up to sign
     np.testing.assert_allclose(var, sk.explained_variance_, rtol=1e-6)
 
     # PCAPQ == faiss IndexPQ on our PCA projection of the data.

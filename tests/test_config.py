@@ -60,5 +60,5 @@ def test_impossible_configs_are_refused_before_work(override, message):
 def test_unknown_config_name_lists_builtins():
     with pytest.raises(ConfigError, match="cifar10-ii-32"):
         load_config("cifar10-iii-32")
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("epochs")

@@ -252,13 +252,9 @@ def test_prototypes_on_manifold_lorentz(dtype):
     # per subspace it is exp0 with that subspace's curvature, and log0 gives the prototype back
     for m in range(M):
         seg = torch.as_tensor(protos[:, m * D : (m + 1) * D], dtype=dtype)
-        torch.testing.assert_close(
-            pts[:, m].detach(), lorentz.expmap0(seg, c=c.detach()[m].item()), atol=tol, rtol=tol
-        )
+        torch.testing.assert_close(pts[:, m].detach(), lorentz.expmap0(seg, c=c.detach()[m].item()), atol=tol, rtol=tol)
     back = lorentz.logmap0(pts, c=c.reshape(M, 1)).reshape(n, M * D)
-    torch.testing.assert_close(
-        back.detach(), torch.as_tensor(protos, dtype=dtype), atol=tol * 10, rtol=tol * 10
-    )
+    torch.testing.assert_close(back.detach(), torch.as_tensor(protos, dtype=dtype), atol=tol * 10, rtol=tol * 10)
     pts.sum().backward()  # the training loop differentiates through the curvature
     assert c.grad is not None and torch.isfinite(c.grad).all() and (c.grad != 0).all()
 

@@ -153,9 +153,7 @@ def test_normalisation_is_a_mean_over_anchors():
     q2 = q1 + 0.1
     far = 1e4
     one = quantized_contrastive_loss(q1, q2, distance=dist, tau=1.0)
-    two = quantized_contrastive_loss(
-        torch.cat([q1, q1 + far]), torch.cat([q2, q2 + far]), distance=dist, tau=1.0
-    )
+    two = quantized_contrastive_loss(torch.cat([q1, q1 + far]), torch.cat([q2, q2 + far]), distance=dist, tau=1.0)
     assert two.item() == pytest.approx(one.item(), rel=1e-12)
     protos = [torch.tensor([[0.0], [1.0]], dtype=torch.float64)]
     a = [torch.tensor([0, 1])]

@@ -178,9 +178,7 @@ def test_map_matches_loop_reference(seed, kind, chunk_size):
         got = map_at_k(ranked, ql, dbl, k=kk, per_query=True, chunk_size=chunk_size)
         want = [ref_ap(ql[i], dbl, ranked[i, :kk], "topk") for i in range(n_q)]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
-        assert map_at_k(ranked, ql, dbl, k=kk, chunk_size=chunk_size) == pytest.approx(
-            np.mean(want), abs=1e-12
-        )
+        assert map_at_k(ranked, ql, dbl, k=kk, chunk_size=chunk_size) == pytest.approx(np.mean(want), abs=1e-12)
 
     dist = rng.integers(0, 6, (n_q, n_db)).astype(np.float32)  # many ties
     full_rank = np.stack([ref_rank(row, n_db) for row in dist])
@@ -210,9 +208,7 @@ def test_precision_recall_match_loop_reference(kind):
             hits = sum(1 for idx in ranked[i, :kk] if idx >= 0 and ref_relevant(ql[i], dbl[idx]))
             prec[i, j] = hits / kk
             rec[i, j] = hits / total if total else 0.0
-    np.testing.assert_allclose(
-        precision_at_k(ranked, ql, dbl, ks, per_query=True, chunk_size=4), prec, atol=1e-12
-    )
+    np.testing.assert_allclose(precision_at_k(ranked, ql, dbl, ks, per_query=True, chunk_size=4), prec, atol=1e-12)
     np.testing.assert_allclose(recall_at_k(ranked, ql, dbl, ks, per_query=True), rec, atol=1e-12)
     np.testing.assert_allclose(precision_at_k(ranked, ql, dbl, ks), prec.mean(0), atol=1e-12)
     np.testing.assert_allclose(recall_at_k(ranked, ql, dbl, ks), rec.mean(0), atol=1e-12)

@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-
 DATASETS = ("cifar10", "folder", "flickr25k", "nuswide", "digits")
 
 
@@ -50,7 +49,7 @@ class BackboneConfig:
 class FeaturesConfig:
     n_views: int = 8  # augmented views cached per training image
     batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers (None: 1 for clean views, 2 for augmented ones)
     cache_dir: str | None = None  # default ~/.cache/hihpq/features
 
 

@@ -47,9 +47,7 @@ def _check_tau(tau) -> float:
 
 def _check_distance(distance) -> Distance:
     if not callable(distance):
-        raise TypeError(
-            f"distance must be a callable distance(a, b) -> (n, m), got {type(distance).__name__}"
-        )
+        raise TypeError(f"distance must be a callable distance(a, b) -> (n, m), got {type(distance).__name__}")
     return distance
 
 
@@ -89,9 +87,7 @@ def _self_masked_logits(distance: Distance, q: torch.Tensor, tau: float, what: s
     return (-d / tau).masked_fill(eye, float("-inf"))
 
 
-def quantized_contrastive_loss(
-    q1: torch.Tensor, q2: torch.Tensor, *, distance: Distance, tau: float
-) -> torch.Tensor:
+def quantized_contrastive_loss(q1: torch.Tensor, q2: torch.Tensor, *, distance: Distance, tau: float) -> torch.Tensor:
     """Hyperbolic quantized contrastive loss L_aug (Eq. 13-15): NT-Xent over the 2B quantized embeddings.
 
     q1, q2: (B, ...) quantized embeddings of two augmented views of the same B images (row i of both is image
@@ -183,9 +179,7 @@ def instance_loss(
     for level, p in enumerate(positives):
         p = _check_batch(f"positives[{level}]", p)
         if p.shape != q.shape:
-            raise ValueError(
-                f"positives[{level}] must have the shape of q {tuple(q.shape)}, got {tuple(p.shape)}"
-            )
+            raise ValueError(f"positives[{level}] must have the shape of q {tuple(q.shape)}, got {tuple(p.shape)}")
         pos = -_pairwise(distance, q, p, f"q, positives[{level}]").diagonal() / tau  # log S(q_i, p_i)
         per_level.append(F.cross_entropy(torch.cat([pos[:, None], negatives], dim=1), target))
     return torch.stack(per_level).mean()

@@ -62,23 +62,16 @@ def _prepare_labels(labels, name: str) -> _Labels:
     arr = np.asarray(labels)
     if arr.ndim == 1:
         if arr.dtype.kind not in "iu":
-            raise TypeError(
-                f"{name}: single-label data must be integer class ids of shape (n,), got dtype {arr.dtype}"
-            )
+            raise TypeError(f"{name}: single-label data must be integer class ids of shape (n,), got dtype {arr.dtype}")
         return _Labels(False, arr.astype(np.int64, copy=False))
     if arr.ndim == 2:
         if arr.dtype.kind not in "biuf":
-            raise TypeError(
-                f"{name}: multi-label data must be a numeric 0/1 matrix (n, L), got dtype {arr.dtype}"
-            )
+            raise TypeError(f"{name}: multi-label data must be a numeric 0/1 matrix (n, L), got dtype {arr.dtype}")
         if arr.shape[1] == 0:
-            raise ValueError(
-                f"{name}: multi-label matrix needs at least one label column, got shape {arr.shape}"
-            )
+            raise ValueError(f"{name}: multi-label matrix needs at least one label column, got shape {arr.shape}")
         if arr.dtype.kind != "b" and not np.isin(arr, (0, 1)).all():
             raise ValueError(
-                f"{name}: a 2-D label matrix must contain only 0 and 1 "
-                "(pass class ids as a 1-D array of shape (n,))"
+                f"{name}: a 2-D label matrix must contain only 0 and 1 (pass class ids as a 1-D array of shape (n,))"
             )
         # Pack the labels into 64-bit words: "share a label" becomes one AND per word.
         packed = np.packbits(arr.astype(bool), axis=1)
@@ -87,8 +80,7 @@ def _prepare_labels(labels, name: str) -> _Labels:
             packed = np.pad(packed, ((0, 0), (0, pad)))
         return _Labels(True, np.ascontiguousarray(packed).view(np.uint64))
     raise ValueError(
-        f"{name}: expected class ids of shape (n,) or a 0/1 label matrix of shape (n, L), "
-        f"got shape {arr.shape}"
+        f"{name}: expected class ids of shape (n,) or a 0/1 label matrix of shape (n, L), got shape {arr.shape}"
     )
 
 
@@ -103,13 +95,10 @@ def _prepare_pair(query_labels, db_labels, n_queries: int | None = None) -> tupl
         )
     if q.multi and np.shape(query_labels)[1] != np.shape(db_labels)[1]:
         raise ValueError(
-            f"query_labels has {np.shape(query_labels)[1]} label columns but db_labels has "
-            f"{np.shape(db_labels)[1]}"
+            f"query_labels has {np.shape(query_labels)[1]} label columns but db_labels has {np.shape(db_labels)[1]}"
         )
     if n_queries is not None and len(q.values) != n_queries:
-        raise ValueError(
-            f"query_labels has {len(q.values)} rows but the ranked lists have {n_queries} queries"
-        )
+        raise ValueError(f"query_labels has {len(q.values)} rows but the ranked lists have {n_queries} queries")
     if len(db.values) == 0:
         raise ValueError("db_labels is empty: the database needs at least one item")
     return q, db
@@ -125,8 +114,7 @@ def _check_ranked(ranked_ids, n_db: int) -> np.ndarray:
         raise ValueError("ranked_ids has no columns (k = 0)")
     if ids.size and (ids.min() < -1 or ids.max() >= n_db):
         raise ValueError(
-            f"ranked_ids must lie in [0, {n_db}) (or be -1 for padding), "
-            f"got values in [{ids.min()}, {ids.max()}]"
+            f"ranked_ids must lie in [0, {n_db}) (or be -1 for padding), got values in [{ids.min()}, {ids.max()}]"
         )
     return ids.astype(np.int64, copy=False)
 
@@ -232,9 +220,7 @@ def relevance(query_labels, db_labels, ranked_ids) -> np.ndarray:
     Returns:
         (n_q, k) bool: True where the ranked item is relevant to its query (padding is never relevant).
     """
-    q, db = _prepare_pair(
-        query_labels, db_labels, np.shape(ranked_ids)[0] if np.ndim(ranked_ids) == 2 else None
-    )
+    q, db = _prepare_pair(query_labels, db_labels, np.shape(ranked_ids)[0] if np.ndim(ranked_ids) == 2 else None)
     ids = _check_ranked(ranked_ids, len(db.values))
     out = np.empty(ids.shape, dtype=bool)
     for sl in _chunks(ids.shape[0], ids.shape[1] * (q.values.shape[-1] if q.multi else 1), None):
@@ -298,9 +284,7 @@ def map_at_k(
         The mean AP@K over all queries as a float (queries with no relevant item in the top K count as 0),
         or the (n_q,) float64 vector when ``per_query``.
     """
-    q, db = _prepare_pair(
-        query_labels, db_labels, np.shape(ranked_ids)[0] if np.ndim(ranked_ids) == 2 else None
-    )
+    q, db = _prepare_pair(query_labels, db_labels, np.shape(ranked_ids)[0] if np.ndim(ranked_ids) == 2 else None)
     ids = _check_ranked(ranked_ids, len(db.values))
     k = _check_k(k, ids.shape[1])
     ids = ids[:, :k]
@@ -345,9 +329,7 @@ def map_full(
     q, db = _prepare_pair(query_labels, db_labels, np.shape(given)[0])
     n_db = len(db.values)
     if np.shape(given)[1] != n_db:
-        raise ValueError(
-            f"{name} must cover the whole database: expected {n_db} columns, got {np.shape(given)[1]}"
-        )
+        raise ValueError(f"{name} must cover the whole database: expected {n_db} columns, got {np.shape(given)[1]}")
     if ranked_ids is not None:
         ids_all = _check_ranked(ranked_ids, n_db)
     else:
@@ -376,9 +358,7 @@ def map_full(
 
 def _hits_at(ranked_ids, query_labels, db_labels, ks, chunk_size):
     """Relevant items among the top k for each k in ks: (n_q, n_k) int64, plus totals R (n_q,) and ks."""
-    q, db = _prepare_pair(
-        query_labels, db_labels, np.shape(ranked_ids)[0] if np.ndim(ranked_ids) == 2 else None
-    )
+    q, db = _prepare_pair(query_labels, db_labels, np.shape(ranked_ids)[0] if np.ndim(ranked_ids) == 2 else None)
     ids = _check_ranked(ranked_ids, len(db.values))
     ks = np.arange(1, ids.shape[1] + 1) if ks is None else _check_ks(ks, ids.shape[1])
     kmax = int(ks.max())

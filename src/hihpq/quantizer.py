@@ -295,14 +295,11 @@ class ProductQuantizer(nn.Module):
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
         if codes.ndim != 2 or codes.shape[1] != self.n_subspaces:
-            raise ValueError(
-                f"codes must have shape (B, M) = (B, {self.n_subspaces}), got {tuple(codes.shape)}"
-            )
+            raise ValueError(f"codes must have shape (B, M) = (B, {self.n_subspaces}), got {tuple(codes.shape)}")
         idx = codes.long()
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.n_codewords):
             raise ValueError(
-                f"codes must lie in [0, {self.n_codewords}), "
-                f"got values in [{int(idx.min())}, {int(idx.max())}]"
+                f"codes must lie in [0, {self.n_codewords}), got values in [{int(idx.min())}, {int(idx.max())}]"
             )
         C = self.codebooks()
         sub = torch.arange(self.n_subspaces, device=C.device)

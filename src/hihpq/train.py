@@ -111,12 +111,15 @@ class Hierarchy:
         # Members of each cluster, contiguous after sorting by cluster, to draw same-prototype positives in O(1).
         self._order = [np.argsort(a, kind="stable") for a in self.labels]
         self._rank = [np.argsort(o, kind="stable") for o in self._order]  # position of each image in _order
-        self._starts = [np.searchsorted(a[o], np.arange(len(p) + 1)) for a, o, p in zip(self.labels, self._order, self.prototypes)]
+        self._starts = [
+            np.searchsorted(a[o], np.arange(len(p) + 1))
+            for a, o, p in zip(self.labels, self._order, self.prototypes, strict=True)
+        ]
 
     def positives(self, idx: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
         """Per level, a uniformly random *other* image of the same cluster (itself only if it is alone)."""
         out = []
-        for labels, order, rank, starts in zip(self.labels, self._order, self._rank, self._starts):
+        for labels, order, rank, starts in zip(self.labels, self._order, self._rank, self._starts, strict=True):
             lo, hi = starts[labels[idx]], starts[labels[idx] + 1]
             own = rank[idx] - lo
             r = (rng.random(len(idx)) * np.maximum(hi - lo - 1, 1)).astype(np.int64)
@@ -206,7 +209,12 @@ class Trainer:
             sums: dict[str, float] = {}
             perm = self.rng.permutation(source.n)
             self.model.train()
-            bar = tqdm(range(n_batches), desc=f"epoch {self.epoch + 1}/{self.s.epochs}", disable=not self.s.progress, leave=False)
+            bar = tqdm(
+                range(n_batches),
+                desc=f"epoch {self.epoch + 1}/{self.s.epochs}",
+                disable=not self.s.progress,
+                leave=False,
+            )
             for b in bar:
                 idx = perm[b * self.s.batch_size : (b + 1) * self.s.batch_size]
                 lr = lr_at(self.step, total_steps, self.s.warmup_epochs * n_batches, self.s.lr, self.s.min_lr)
@@ -263,8 +271,10 @@ class Trainer:
         if not torch.isfinite(x).all():
             rows = np.concatenate([idx, idx, *pos_idx])  # image of each row of x
             bad = np.unique(rows[~torch.isfinite(x).all(1).cpu().numpy()])
-            raise ValueError(f"non-finite input features for training images {bad[:5].tolist()} "
-                             f"(epoch {self.epoch + 1}, step {self.step}); check the images or the feature cache")
+            raise ValueError(
+                f"non-finite input features for training images {bad[:5].tolist()} "
+                f"(epoch {self.epoch + 1}, step {self.step}); check the images or the feature cache"
+            )
         with torch.autocast(device_type=self.device.type, enabled=self.s.amp):
             z = self.model.project(x)
             if not torch.isfinite(z).all():
@@ -291,7 +301,11 @@ class Trainer:
         self.optimizer.step()
         with torch.no_grad():
             qerr = q.quantization_error(out.h[:B].float())
-        return {"loss": float(total.detach()), **{k: float(v) for k, v in parts.items()}, "quant_error": float(qerr)}
+        return {
+            "loss": float(total.detach()),
+            **{k: float(v) for k, v in parts.items()},
+            "quant_error": float(qerr),
+        }
 
     def _diverged(self, what: str, parts: dict) -> None:
         last = {k: v for k, v in self.history[-1].items() if k != "curvature"} if self.history else "none yet"
@@ -313,8 +327,12 @@ class Trainer:
 
 def _rng_state(rng: np.random.Generator) -> dict:
     st = rng.bit_generator.state
-    return {"bit_generator": st["bit_generator"], "state": {k: int(v) for k, v in st["state"].items()},
-            "has_uint32": int(st["has_uint32"]), "uinteger": int(st["uinteger"])}
+    return {
+        "bit_generator": st["bit_generator"],
+        "state": {k: int(v) for k, v in st["state"].items()},
+        "has_uint32": int(st["has_uint32"]),
+        "uinteger": int(st["uinteger"]),
+    }
 
 
 def _rng_from_state(state: dict) -> np.random.Generator:

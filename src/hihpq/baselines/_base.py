@@ -43,8 +43,7 @@ def check_features(X, name: str = "X", *, n_features: int | None = None, owner: 
         raise ValueError(f"{name} has no feature columns (shape {arr.shape})")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(
-            f"{name} has {arr.shape[1]} features, but {owner or 'this estimator'} was fitted with "
-            f"{n_features}"
+            f"{name} has {arr.shape[1]} features, but {owner or 'this estimator'} was fitted with {n_features}"
         )
     out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():

@@ -100,9 +100,7 @@ class PCAPQ(BaseSearcher):
                 raise ValueError(f"n_components={dim} exceeds the number of training samples ({n_samples})")
             what = f"n_components ({dim})"
         if dim % m:
-            raise ValueError(
-                f"{what} must be a multiple of the number of sub-quantizers M = {m} (bits={bits})"
-            )
+            raise ValueError(f"{what} must be a multiple of the number of sub-quantizers M = {m} (bits={bits})")
         if n_samples < k:
             raise ValueError(f"k-means needs at least n_codewords = {k} training points, got {n_samples}")
         if n_samples < _FAISS_MIN_POINTS_PER_CENTROID * k:
@@ -134,9 +132,7 @@ class PCAPQ(BaseSearcher):
 
     def _build_and_train(self, xt: np.ndarray, m: int, nbits: int, dim: int):
         index = faiss.IndexPQ(dim, m, nbits)
-        _configure_clustering(
-            index.pq.cp, n_train=len(xt), n_codewords=1 << nbits, n_iter=self.n_iter, seed=self.seed
-        )
+        _configure_clustering(index.pq.cp, n_train=len(xt), n_codewords=1 << nbits, n_iter=self.n_iter, seed=self.seed)
         index.train(xt)
         return index
 
@@ -237,9 +233,7 @@ class PCAOPQ(PCAPQ):
         faiss.copy_array_to_vector(init.ravel(), opq.A)  # a preset A is used as the starting rotation
         # OPQ trains its own PQ in every alternation; give it a seeded one with our clustering settings.
         inner = faiss.ProductQuantizer(dim, m, nbits)
-        _configure_clustering(
-            inner.cp, n_train=len(xt), n_codewords=1 << nbits, n_iter=self.n_iter, seed=self.seed
-        )
+        _configure_clustering(inner.cp, n_train=len(xt), n_codewords=1 << nbits, n_iter=self.n_iter, seed=self.seed)
         opq.pq = inner
         pq_index = faiss.IndexPQ(dim, m, nbits)
         _configure_clustering(

@@ -67,11 +67,7 @@ def as_curvature(c, like: torch.Tensor) -> torch.Tensor:
 
 
 def _upcast(t):
-    if (
-        isinstance(t, torch.Tensor)
-        and t.is_floating_point()
-        and t.dtype not in (torch.float32, torch.float64)
-    ):
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
         return t.float()
     return t
 

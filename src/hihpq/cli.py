@@ -1,0 +1,234 @@
+"""Command line: ``hihpq train | evaluate | encode | search | index info | configs | demo``.
+
+Every command that produces results writes ``run.json`` (config, seed, versions, git commit) beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from hihpq.config import ConfigError, builtin_configs, load_config, save_config
+from hihpq.runinfo import run_record, seed_everything, write_json
+
+log = logging.getLogger("hihpq")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="built-in config name (see `hihpq configs`) or a YAML file")
+    p.add_argument(
+        "-o",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. -o train.epochs=10 (repeatable)",
+    )
+    p.add_argument("--data", help="dataset location (CIFAR-10: folder with cifar10-jpeg/; else $HIHPQ_DATA)")
+    p.add_argument("--device", help="cpu or cuda (overrides train.device)")
+
+
+def _load(args) -> object:
+    overrides = list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"train.device={args.device}")
+    if getattr(args, "data", None):
+        overrides.append(f"data.root={args.data}")
+    return load_config(args.config, overrides)
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def cmd_configs(args) -> int:
+    for name in builtin_configs():
+        print(name)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from hihpq import pipeline as P
+    from hihpq.train import Trainer
+
+    cfg = _load(args)
+    out = Path(args.out or f"runs/{cfg.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    prep = P.prepare_features(cfg)
+    t_feat = time.perf_counter() - t0
+    print(prep.split.summary())
+    model = P.build_model(cfg, prep.clean.shape[1])
+    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg), out_dir=out)
+    trainer.fit(prep.train_source(), resume=args.resume)
+    t_train = time.perf_counter() - t0 - t_feat
+    P.save_model(out / "model.pt", model, cfg, prep.clean.shape[1])
+    record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
+    if not args.no_eval:
+        scores = P.evaluate_model(
+            model,
+            prep.queries,
+            prep.database,
+            prep.split.query_labels,
+            prep.split.database_labels,
+            cfg.eval.topk,
+            cfg.eval.metric,
+        )
+        record["eval"] = scores
+        print(f"mAP@{cfg.eval.topk} = {scores[f'map_at_{cfg.eval.topk}']:.4f}")
+    write_json(out / "run.json", record)
+    print(f"model, log and run record in {out}/")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from hihpq import pipeline as P
+
+    model, cfg, _ = P.load_model(args.model)
+    if args.data:
+        cfg.data.root = args.data
+    prep = P.prepare_features(cfg)
+    topk = args.topk or cfg.eval.topk
+    scores = P.evaluate_model(
+        model,
+        prep.queries,
+        prep.database,
+        prep.split.query_labels,
+        prep.split.database_labels,
+        topk,
+        args.metric or cfg.eval.metric,
+    )
+    print(f"{prep.split.summary()}\nmAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
+    out = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    write_json(out / "eval.json", run_record(cfg.to_dict(), cfg.seed, eval=scores))
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from hihpq import pipeline as P
+    from hihpq.index import write_index
+
+    model, cfg, _ = P.load_model(args.model)
+    if args.images:
+        paths = P.list_images(args.images)
+        emb = P.embed_images(model, cfg, paths)
+        names = [str(p) for p in paths]
+    else:
+        if args.data:
+            cfg.data.root = args.data
+        prep = P.prepare_features(cfg)
+        emb = P.embed(model, prep.database)
+        names = [prep.split.dataset.describe(int(i)) for i in prep.split.database]
+    index = P.build_index(model, emb, metric=args.metric)
+    write_index(index, args.out, item_names=names, metadata={"model": str(Path(args.model).resolve())})
+    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from hihpq import pipeline as P
+    from hihpq.index import read_index
+
+    index, meta = read_index(args.index, return_metadata=True)
+    model_path = args.model or meta.get("metadata", {}).get("model")
+    if not model_path:
+        raise SystemExit("this index records no model; pass --model RUN_DIR")
+    model, cfg, _ = P.load_model(model_path)
+    queries = P.list_images(args.query)
+    emb = P.embed_images(model, cfg, queries)
+    D, I = index.search(emb, args.k)
+    for q, drow, irow in zip(queries, D, I, strict=True):
+        print(f"query {q}")
+        names = index.get_metadata(irow) if index.has_item_metadata else [""] * len(irow)
+        for rank, (d, i, name) in enumerate(zip(drow, irow, names, strict=True), 1):
+            if i >= 0:
+                print(f"  {rank:3d}  id={i:<8d} d={d:.4f}  {name}")
+    return 0
+
+
+def cmd_index_info(args) -> int:
+    from hihpq.index import describe_index
+
+    info = describe_index(args.index)
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from hihpq.demo import run_demo
+
+    run_demo(data=args.data, out=args.out, device=args.device, quick=args.quick)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hihpq", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("configs", help="list the built-in configs")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("train", help="train HiHPQ on a protocol (frozen backbone, cached views)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--no-eval", action="store_true", help="skip the retrieval evaluation after training")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="mAP@K of a trained model on its protocol")
+    p.add_argument("model", help="run directory or model.pt")
+    p.add_argument("--data")
+    p.add_argument("--topk", type=int)
+    p.add_argument("--metric", choices=["adc", "sdc"])
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("encode", help="encode a database into an index file")
+    p.add_argument("model", help="run directory or model.pt")
+    p.add_argument("--out", required=True, help="index file to write")
+    p.add_argument("--images", help="an image folder to encode (default: the protocol's database)")
+    p.add_argument("--data")
+    p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("search", help="search an index with query images")
+    p.add_argument("index")
+    p.add_argument("--query", required=True, help="an image or a folder of images")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--model", help="run directory (default: the one recorded in the index)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("index", help="index file tools")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    pi = isub.add_parser("info", help="describe an index file")
+    pi.add_argument("index")
+    pi.set_defaults(func=cmd_index_info)
+
+    p = sub.add_parser("demo", help="train, encode and evaluate on a reduced CIFAR-10 (II); compare with PCA+PQ")
+    p.add_argument("--data", help="folder holding CIFAR-10 (else $HIHPQ_DATA, else download, else digits)")
+    p.add_argument("--out", default="hihpq-demo", help="where results.json and the plot go")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="an even smaller run (a minute or two)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"hihpq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

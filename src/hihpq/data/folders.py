@@ -1,0 +1,313 @@
+"""Image collections: files in folders (one sub-folder per class) or in-memory arrays, robust to bad files.
+
+Loading never raises for an unreadable or corrupt image: ``source[i]`` returns ``(image, index, ok)``; a
+bad file gives a grey placeholder run through the same transform and ``ok = False``. The flag travels
+through DataLoader workers (a counter inside a worker process would be lost), and :class:`SkipLog` turns
+the flags into a count and a summary such as ``skipped 3 unreadable images: a.jpg, b.jpg, c.jpg``.
+
+Labels are used only for evaluation: (N,) int64 class ids, or (N, L) uint8 multi-hot rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ArrayImageDataset",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "ImageSource",
+    "SkipLog",
+    "UnreadableImageError",
+    "scan_image_folder",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class UnreadableImageError(OSError):
+    """An image file could not be opened or decoded."""
+
+
+def _check_labels(labels: Any, n: int) -> np.ndarray:
+    """Labels as (N,) int64 or (N, L) uint8; None -> all -1 (unlabelled)."""
+    if labels is None:
+        return np.full(n, -1, dtype=np.int64)
+    arr = np.asarray(labels)
+    if arr.ndim not in (1, 2) or arr.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},) or ({n}, L), got {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise TypeError(f"labels must be integers (class ids or 0/1 multi-hot), got dtype {arr.dtype}")
+    return arr.astype(np.int64 if arr.ndim == 1 else np.uint8, copy=False)
+
+
+class ImageSource(torch.utils.data.Dataset):
+    """Base class: N images with labels; ``source[i] -> (transform(image), i, ok)``.
+
+    Subclasses implement :meth:`load`, :meth:`describe` and :meth:`identity`.
+    """
+
+    #: size of the grey placeholder substituted for an unreadable image (before the transform)
+    placeholder_size: tuple[int, int] = (32, 32)
+
+    def __init__(self, labels: np.ndarray, transform: Callable[[Image.Image], Any] | None = None) -> None:
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        """The RGB image ``index``; raises :class:`UnreadableImageError` when it cannot be decoded."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """A human-readable name of item ``index`` (its path, for files)."""
+        return f"item {index}"
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-able fields identifying the images (for cache keys): equal identities, equal images."""
+        raise NotImplementedError
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    def with_transform(self, transform: Callable[[Image.Image], Any] | None) -> ImageSource:
+        """A shallow copy with another transform (the image list is shared)."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+    def __getitem__(self, index: int) -> tuple[Any, int, bool]:
+        index = int(index)
+        try:
+            image, ok = self.load(index), True
+        except UnreadableImageError as exc:
+            log.debug("unreadable image %s: %s", self.describe(index), exc)
+            image, ok = Image.new("RGB", self.placeholder_size, (128, 128, 128)), False
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, index, ok
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """Decode an image file to RGB in memory; every decoding problem becomes UnreadableImageError."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns about odd but readable files (palette transparency, EXIF); they load fine
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.load()
+                if img.mode == "P" and "transparency" in img.info:
+                    return img.convert("RGBA").convert("RGB")
+                return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UnreadableImageError(f"{path}: {exc}") from exc
+
+
+class ImageDataset(ImageSource):
+    """Images stored as files.
+
+    Args:
+        paths: N file paths, relative to ``root`` (or absolute / relative to the cwd when root is None).
+        labels: (N,) int class ids, (N, L) 0/1 multi-hot rows, or None (unlabelled).
+        root: the directory the paths are relative to.
+        transform: applied to the PIL RGB image.
+        classes: class names (label id -> name), if known.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        labels: Any = None,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        self.paths = [os.fspath(p) for p in paths]
+        super().__init__(_check_labels(labels, len(self.paths)), transform)
+        self.root = Path(root).expanduser().resolve() if root is not None else None
+        self.classes = list(classes) if classes is not None else None
+        self._identity: dict[str, Any] | None = None
+
+    def full_path(self, index: int) -> Path:
+        p = Path(self.paths[index])
+        return self.root / p if self.root is not None else p
+
+    def describe(self, index: int) -> str:
+        return str(self.full_path(index))
+
+    def load(self, index: int) -> Image.Image:
+        return _open_rgb(self.full_path(index))
+
+    def identity(self) -> dict[str, Any]:
+        """Root + hash of the path list and the file sizes (a replaced file changes the identity).
+
+        Computed once per dataset object (a stat per file: about 0.5 s for 60,000 files).
+        """
+        if self._identity is not None:
+            return self._identity
+        h = hashlib.sha256()
+        for i, p in enumerate(self.paths):
+            try:
+                size = self.full_path(i).stat().st_size
+            except OSError:
+                size = -1
+            h.update(f"{p}\0{size}\n".encode())
+        self._identity = {
+            "kind": "files",
+            "root": str(self.root) if self.root is not None else None,
+            "n": len(self.paths),
+            "files_sha256": h.hexdigest(),
+        }
+        return self._identity
+
+
+class ArrayImageDataset(ImageSource):
+    """Images held in memory as a uint8 array (N, H, W, 3), e.g. torchvision's CIFAR-10 batches.
+
+    Args:
+        images: (N, H, W, 3) uint8 RGB.
+        labels: (N,) or (N, L) labels, or None.
+        transform: applied to the PIL image.
+        name: a name for messages and cache identities.
+        classes: class names, if known.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Any = None,
+        *,
+        transform: Callable[[Image.Image], Any] | None = None,
+        name: str = "array",
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be a uint8 array (N, H, W, 3), got {images.dtype} {images.shape}")
+        self.images = images
+        super().__init__(_check_labels(labels, len(images)), transform)
+        self.name = name
+        self.classes = list(classes) if classes is not None else None
+        self._identity: dict[str, Any] | None = None
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def identity(self) -> dict[str, Any]:
+        """Name + content hash of the pixels (computed once)."""
+        if self._identity is None:
+            digest = hashlib.sha256(np.ascontiguousarray(self.images).data).hexdigest()
+            self._identity = {"kind": "array", "name": self.name, "n": len(self.images), "sha256": digest}
+        return self._identity
+
+
+def scan_image_folder(
+    root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Scan ``root/<class>/**/<image>``: one sub-folder per class, ids from the sorted class names.
+
+    Returns:
+        paths: image paths relative to ``root`` (POSIX separators), sorted by class, then path.
+        labels: (N,) int64 class ids.
+        classes: the sorted class names.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory. ValueError: no class folder or no image.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    exts = tuple(e.lower() for e in extensions)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(root)
+            found.extend((rel / f).as_posix() for f in filenames if f.lower().endswith(exts) and not f.startswith("."))
+        found.sort()
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    if not paths:
+        raise ValueError(f"image folder {root} has no images with extensions {list(exts)}")
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+class ImageFolderDataset(ImageDataset):
+    """All images under ``root/<class>/``, labelled by sorted class name (see :func:`scan_image_folder`)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        transform: Callable[[Image.Image], Any] | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        paths, labels, classes = scan_image_folder(root, extensions)
+        super().__init__(paths, labels, root=root, transform=transform, classes=classes)
+
+
+@dataclass
+class SkipLog:
+    """Collects the ``ok`` flags of ``(image, index, ok)`` batches: how many images were unreadable.
+
+    Call ``update(indices, ok)`` per batch, then read ``count`` / ``summary()`` or call ``report()``.
+    """
+
+    describe: Callable[[int], str] = str
+    max_examples: int = 5
+    indices: list[int] = field(default_factory=list)
+
+    def update(self, indices: Any, ok: Any) -> None:
+        """Record one batch: ``indices`` and ``ok`` are equal-length tensors or arrays."""
+        idx = np.asarray(indices).reshape(-1)
+        good = np.asarray(ok, dtype=bool).reshape(-1)
+        if idx.shape != good.shape:
+            raise ValueError(f"indices and ok must have the same length, got {idx.shape} and {good.shape}")
+        self.indices.extend(int(i) for i in idx[~good])
+
+    @property
+    def count(self) -> int:
+        return len(self.indices)
+
+    def examples(self) -> list[str]:
+        return [self.describe(i) for i in self.indices[: self.max_examples]]
+
+    def summary(self) -> str:
+        """``skipped 3 unreadable images: a.jpg, b.jpg, c.jpg`` (empty string when none)."""
+        if not self.indices:
+            return ""
+        more = ", ..." if self.count > self.max_examples else ""
+        noun = "image" if self.count == 1 else "images"
+        return f"skipped {self.count} unreadable {noun}: {', '.join(self.examples())}{more}"
+
+    def report(self, logger: logging.Logger = log) -> None:
+        """Log the summary as a warning (nothing when every image was readable)."""
+        if self.indices:
+            logger.warning("%s", self.summary())

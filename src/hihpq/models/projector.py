@@ -1,0 +1,57 @@
+"""Projector from backbone features to the quantizer's input: (B, in_dim) -> (B, out_dim = M * D)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Projector"]
+
+
+class Projector(nn.Module):
+    """Linear (the paper's) or MLP projection head.
+
+    Args:
+        in_dim: backbone feature size F.
+        out_dim: M * D, the quantizer input size.
+        kind: "linear" (one Linear layer, as the paper) or "mlp" (Linear -> BatchNorm1d -> ReLU -> Linear).
+        hidden: hidden width of the MLP (default ``min(in_dim, 1024)``); not allowed for "linear".
+
+    Shapes: forward (B, in_dim) -> (B, out_dim).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden: int | None = None) -> None:
+        super().__init__()
+        for arg, value in (("in_dim", in_dim), ("out_dim", out_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
+        if kind == "linear" and hidden is not None:
+            raise ValueError("hidden is only used with kind='mlp'")
+        if hidden is None:
+            hidden = min(in_dim, 1024)
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
+            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        self.in_dim, self.out_dim, self.kind = in_dim, out_dim, kind
+        self.hidden = hidden if kind == "mlp" else None
+        if kind == "linear":
+            self.net: nn.Module = nn.Linear(in_dim, out_dim)
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden, bias=False),  # bias is redundant before BatchNorm
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden, out_dim),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) -> (B, out_dim)."""
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"Projector expects input of shape (B, {self.in_dim}), got {tuple(x.shape)}")
+        return self.net(x)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, kind={self.kind!r}" + (
+            f", hidden={self.hidden}" if self.hidden else ""
+        )

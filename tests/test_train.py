@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from hihpq import pipeline as P
+from hihpq.config import load_config
+from hihpq.metrics import map_at_k
+from hihpq.train import CachedViews, Hierarchy, Trainer, TrainingDiverged, lr_at
+
+
+def _blobs(n_classes=4, per_class=40, n_views=3, dim=24, seed=0):
+    """Clustered 'backbone features': views are noisy copies of a per-image point near its class centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 3
+    labels = np.repeat(np.arange(n_classes), per_class)
+    clean = centres[labels] + rng.normal(size=(len(labels), dim))
+    views = clean[:, None, :] + 0.3 * rng.normal(size=(len(labels), n_views, dim))
+    return clean.astype(np.float16), views.astype(np.float16), labels
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(
+        "cifar10-ii-16",
+        [
+            "quantizer.n_codewords=16",
+            "quantizer.bits=8",
+            "quantizer.feature_dim=8",
+            "projector.hidden=32",
+            "train.batch_size=32",
+            "train.epochs=4",
+            "hierarchy.levels=[8, 4]",
+            "hierarchy.warmup_epochs=1",
+            "eval.topk=40",
+            f"features.cache_dir={tmp_path}",
+            *extra,
+        ],
+    )
+
+
+def _trainer(cfg, out_dir=None):
+    torch.manual_seed(0)
+    model = P.build_model(cfg, 24)
+    return Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=False), out_dir=out_dir)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    lrs = [lr_at(s, 100, 10, 0.01, 1e-5) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[100] == pytest.approx(1e-5)
+
+
+def test_cached_views_gives_two_different_views_of_the_same_image():
+    clean, views, _ = _blobs()
+    views[:] = np.arange(views.shape[1])[None, :, None]  # view v holds the value v everywhere
+    src = CachedViews(views, clean)
+    rng = np.random.default_rng(0)
+    idx = np.arange(50)
+    x1, x2 = src.pair(idx, rng)
+    assert torch.all(x1[:, 0] != x2[:, 0])
+
+
+def test_hierarchy_positives_are_other_members_of_the_same_cluster():
+    labels = np.array([0, 0, 1, 1, 1, 2, 0, 2])
+    h = Hierarchy([labels], [np.zeros((3, 4))])
+    rng = np.random.default_rng(0)
+    idx = np.arange(len(labels))
+    seen = {i: set() for i in idx}
+    for _ in range(200):
+        (pos,) = h.positives(idx, rng)
+        assert np.all(labels[pos] == labels[idx])
+        assert np.all(pos != idx)
+        for i, p in zip(idx, pos, strict=True):
+            seen[i].add(int(p))
+    # uniform over the other members: every one of them shows up
+    assert seen[0] == {1, 6} and seen[2] == {3, 4} and seen[5] == {7}
+
+
+def test_training_lowers_the_loss_and_codes_beat_random(tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=8")
+    clean, views, labels = _blobs()
+    trainer = _trainer(cfg)
+    history = trainer.fit(CachedViews(views, clean))
+    assert history[-1]["aug"] < history[0]["aug"]
+    assert history[-1]["prot"] > 0 and history[-1]["ins"] > 0  # the hierarchy losses ran
+    q, db = np.arange(0, 160, 4), np.setdiff1d(np.arange(160), np.arange(0, 160, 4))
+    scores = P.evaluate_model(trainer.model, clean[q], clean[db], labels[q], labels[db], topk=40)
+    rng = np.random.default_rng(0)
+    random_ranked = np.stack([rng.permutation(len(db))[:40] for _ in q])
+    random_map = map_at_k(random_ranked, labels[q], labels[db], k=40)
+    assert scores["map_at_40"] > random_map + 0.3
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    clean, views, _ = _blobs()
+    full = _trainer(_cfg(tmp_path), out_dir=tmp_path / "full")
+    full.fit(CachedViews(views, clean))
+
+    part = _trainer(_cfg(tmp_path), out_dir=tmp_path / "part")
+    original = Trainer._train_step
+
+    def interrupt_in_epoch_3(self, *args):
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the third epoch
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(CachedViews(views, clean))
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    resumed = _trainer(_cfg(tmp_path), out_dir=tmp_path / "part")
+    resumed.fit(CachedViews(views, clean), resume=True)
+
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history])
+    assert (tmp_path / "part" / "log.csv").read_text().count("\n") == 1 + 4
+
+
+def test_checkpoint_write_is_atomic_and_loads_weights_only(tmp_path, monkeypatch):
+    clean, views, _ = _blobs()
+    trainer = _trainer(_cfg(tmp_path, "train.epochs=1"), out_dir=tmp_path)
+    trainer.fit(CachedViews(views, clean))
+    ckpt = tmp_path / "checkpoint.pt"
+    before = ckpt.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(ckpt)
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_nan_features_are_named_before_they_reach_the_model(tmp_path):
+    clean, views, _ = _blobs()
+    views[5, :, 0] = np.nan
+    trainer = _trainer(_cfg(tmp_path))
+    with pytest.raises(ValueError, match=r"training images \[5\] \(epoch 1, step \d+\)"):
+        trainer.fit(CachedViews(views, clean))
+
+
+def test_divergence_stops_training_with_the_step_and_last_values(tmp_path):
+    clean, views, _ = _blobs()
+    trainer = _trainer(_cfg(tmp_path, "train.lr=1e12", "train.warmup_epochs=0"))
+    with pytest.raises(TrainingDiverged, match=r"non-finite at epoch \d+, step \d+.*Lower train.lr"):
+        trainer.fit(CachedViews(views * 1000, clean))
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    clean, views, _ = _blobs()
+    trainer = _trainer(_cfg(tmp_path), out_dir=tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        trainer.fit(CachedViews(views, clean), resume=True)
+
+
+def test_model_file_round_trip(tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=1")
+    clean, views, _ = _blobs()
+    trainer = _trainer(cfg)
+    trainer.fit(CachedViews(views, clean))
+    P.save_model(tmp_path / "model.pt", trainer.model, cfg, 24)
+    model, cfg2, _ = P.load_model(tmp_path)
+    assert cfg2.to_dict() == cfg.to_dict()
+    np.testing.assert_array_equal(P.embed(model, clean), P.embed(trainer.model, clean))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"bad\.pt"):
+        P.load_model(tmp_path / "bad.pt")
