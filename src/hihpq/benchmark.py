@@ -46,15 +46,7 @@ def run_learned(cfg: Config, prep: P.PreparedFeatures, progress: bool = True) ->
     model = P.build_model(cfg, prep.clean.shape[1])
     trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=progress))
     history = trainer.fit(prep.train_source())
-    scores = P.evaluate_model(
-        model,
-        prep.queries,
-        prep.database,
-        prep.split.query_labels,
-        prep.split.database_labels,
-        cfg.eval.topk,
-        cfg.eval.metric,
-    )
+    scores = P.evaluate_prepared(model, prep, cfg.eval.topk, cfg.eval.metric)
     scores["train_s"] = sum(h["epoch_s"] for h in history)
     scores["wall_s"] = time.perf_counter() - t0
     scores["history"] = history

@@ -68,15 +68,7 @@ def cmd_train(args) -> int:
     P.save_model(out / "model.pt", model, cfg, prep.clean.shape[1])
     record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
     if not args.no_eval:
-        scores = P.evaluate_model(
-            model,
-            prep.queries,
-            prep.database,
-            prep.split.query_labels,
-            prep.split.database_labels,
-            cfg.eval.topk,
-            cfg.eval.metric,
-        )
+        scores = P.evaluate_prepared(model, prep, cfg.eval.topk, cfg.eval.metric)
         record["eval"] = scores
         print(f"mAP@{cfg.eval.topk} = {scores[f'map_at_{cfg.eval.topk}']:.4f}")
     write_json(out / "run.json", record)
@@ -92,15 +84,7 @@ def cmd_evaluate(args) -> int:
         cfg.data.root = args.data
     prep = P.prepare_features(cfg)
     topk = args.topk or cfg.eval.topk
-    scores = P.evaluate_model(
-        model,
-        prep.queries,
-        prep.database,
-        prep.split.query_labels,
-        prep.split.database_labels,
-        topk,
-        args.metric or cfg.eval.metric,
-    )
+    scores = P.evaluate_prepared(model, prep, topk, args.metric or cfg.eval.metric)
     print(f"{prep.split.summary()}\nmAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
     out = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     write_json(out / "eval.json", run_record(cfg.to_dict(), cfg.seed, eval=scores))

@@ -63,7 +63,7 @@ def run_demo(data: str | None = None, out: str | Path = "hihpq-demo", device: st
     t_train = time.perf_counter() - t_start - t_feat
 
     q_labels, db_labels, topk = prep.split.query_labels, prep.split.database_labels, cfg.eval.topk
-    hihpq = P.evaluate_model(model, prep.queries, prep.database, q_labels, db_labels, topk)
+    hihpq = P.evaluate_prepared(model, prep, topk)
     with warnings.catch_warnings():  # a reduced training set is smaller than faiss's 39 * K advice
         warnings.simplefilter("ignore")
         pq = PCAPQ(bits=BITS, n_components=64, seed=cfg.seed, n_threads=1).fit(prep.clean_of(prep.split.train))

@@ -252,6 +252,12 @@ class PreparedFeatures:
         return CachedViews(np.asarray(self.views[keep]), np.asarray(self.clean[rows[keep]]))
 
 
+def evaluate_prepared(model: HiHPQ, prep: PreparedFeatures, topk: int, metric: str = "adc") -> dict[str, Any]:
+    """:func:`evaluate_model` on a protocol's cached query and database features."""
+    split = prep.split
+    return evaluate_model(model, prep.queries, prep.database, split.query_labels, split.database_labels, topk, metric)
+
+
 def prepare_features(
     cfg: Config, split=None, *, data_dir: str | None = None, progress: bool = True
 ) -> PreparedFeatures:
