@@ -14,7 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
-from hihpq.benchmark import METHODS, run_grid, summarise
+from hihpq.benchmark import METHODS, run_grid
+from hihpq.report import aggregate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cifar10_ii_lite0.json"
 
@@ -31,7 +32,7 @@ def main() -> None:
     t0 = time.perf_counter()
     records = run_grid("cifar10-ii", args.methods, args.bits, args.seeds, args.out, args.overrides, args.data)
     print(f"\nwhole run {time.perf_counter() - t0:.0f} s")
-    for (method, bits), (mean, std, n) in sorted(summarise(records).items()):
+    for (method, bits), (mean, std, n) in sorted(aggregate(records).items()):
         print(f"{method:<22} {bits:>5} bits  mAP@1000 {100 * mean:6.2f} +- {100 * std:.2f} (n={n})")
 
 

@@ -3,6 +3,8 @@
 Methods: ``hihpq`` (the full model), the Table 2 variants (``vanilla-euclidean`` ... ``prototype-hyperbolic``,
 ``full-euclidean``), and the shallow baselines ``pq``, ``opq``, ``itq``, ``float``. Every record carries its
 figure, seed, wall time, command and commit; the list is merged into a JSON file so that grids can be resumed.
+Per-run details (scores with precision@K and precision-recall curves, training history, config) go to a folder
+beside it, with the report of :mod:`hihpq.report` (table.md, plots, a Poincare-disk view of a HiHPQ model).
 """
 
 from __future__ import annotations
@@ -40,17 +42,49 @@ def method_config(protocol: str, method: str, bits: int, seed: int, overrides: l
     return load_config(name, [*overrides, f"seed={seed}"])
 
 
-def run_learned(cfg: Config, prep: P.PreparedFeatures, progress: bool = True) -> dict[str, Any]:
+def curve_ks(topk: int, n: int = 40) -> np.ndarray:
+    """About ``n`` cut-offs in [1, topk] for the stored curves: log-spaced (the head) plus evenly spaced."""
+    head = np.geomspace(1, topk, n // 2)
+    tail = np.linspace(topk / (n // 2), topk, n // 2)
+    return np.unique(np.clip(np.round(np.concatenate([head, tail])), 1, topk).astype(np.int64))
+
+
+def curve_scores(ranked: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray) -> dict[str, Any]:
+    """Precision@K and the precision-recall curve by rank over the ranked lists (n_q, topk) (metrics.py)."""
+    from hihpq.metrics import pr_curve
+
+    curve = pr_curve(ranked, query_labels, db_labels, curve_ks(ranked.shape[1]))
+    ks = curve.ks.tolist()
+    return {
+        "precision_curve": {"ks": ks, "precision": curve.precision.tolist()},
+        "pr_curve": {"ks": ks, "precision": curve.precision.tolist(), "recall": curve.recall.tolist()},
+    }
+
+
+def evaluate_learned(model, prep: P.PreparedFeatures, topk: int, metric: str = "adc") -> dict[str, Any]:
+    """:func:`hihpq.pipeline.evaluate_prepared` plus the curves of :func:`curve_scores` (which need the ranking)."""
+    split = prep.split
+    ranked, info = P.rank_database(model, prep.queries, prep.database, topk, metric)
+    scores = P.retrieval_scores(ranked, split.query_labels, split.database_labels, topk)
+    scores.update(info)
+    scores.update(curve_scores(ranked, split.query_labels, split.database_labels))
+    return scores
+
+
+def run_learned(
+    cfg: Config, prep: P.PreparedFeatures, progress: bool = True, *, return_model: bool = False
+) -> dict[str, Any] | tuple[dict[str, Any], Any]:
+    """Train one learned method on the cached features and score it; ``return_model``: (scores, model)."""
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     model = P.build_model(cfg, prep.clean.shape[1])
     trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=progress))
     history = trainer.fit(prep.train_source())
-    scores = P.evaluate_prepared(model, prep, cfg.eval.topk, cfg.eval.metric)
+    scores = evaluate_learned(model, prep, cfg.eval.topk, cfg.eval.metric)
     scores["train_s"] = sum(h["epoch_s"] for h in history)
     scores["wall_s"] = time.perf_counter() - t0
     scores["history"] = history
-    return scores
+    return (scores, model) if return_model else scores
 
 
 def run_baseline(method: str, bits: int, seed: int, prep: P.PreparedFeatures, topk: int) -> dict[str, Any]:
@@ -69,7 +103,15 @@ def run_baseline(method: str, bits: int, seed: int, prep: P.PreparedFeatures, to
     _, ranked = est.add(prep.database).search(prep.queries, topk)
     scores = P.retrieval_scores(ranked, prep.split.query_labels, prep.split.database_labels, topk)
     scores["wall_s"] = time.perf_counter() - t0
+    scores.update(curve_scores(ranked, prep.split.query_labels, prep.split.database_labels))
     return scores
+
+
+def _command_line() -> str:
+    """How this process was started, as a user would type it."""
+    argv = list(sys.argv)
+    argv[0] = f"python {argv[0]}" if argv[0].endswith(".py") else Path(argv[0]).name
+    return " ".join(argv)
 
 
 def merge_records(path: Path, new: list[dict]) -> list[dict]:
@@ -91,22 +133,35 @@ def run_grid(
     overrides: list[str] = (),
     data_dir: str | None = None,
     progress: bool = True,
+    report: bool = True,
 ) -> list[dict]:
-    """Run every (method, bits, seed) on cached features and merge the records into ``out``."""
+    """Run every (method, bits, seed) on cached features and merge the records into ``out``.
+
+    Per-run details go to ``out`` without its suffix (``<method>-<bits>-<seed>.json``); with ``report`` that
+    folder also receives the report of every record in ``out`` (table.md and plots, :func:`write_grid_report`)
+    and a Poincare-disk view of the last trained ``hihpq`` model (else the last learned one).
+    """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if not methods or not bits_list or not seeds:
+        raise ValueError("run_grid needs at least one method, one bit width and one seed")
     out = Path(out)
     base = load_config(f"{protocol}-{bits_list[0]}", list(overrides))
+    for bits in bits_list:  # refuse a missing config or bad override before computing any feature
+        for method in methods:
+            if method not in BASELINES:
+                method_config(protocol, method, bits, seeds[0], list(overrides))
     t0 = time.perf_counter()
     prep = P.prepare_features(base, data_dir=data_dir, progress=progress)
     features_s = time.perf_counter() - t0
     print(prep.split.summary(), f"(features ready in {features_s:.0f} s)")
-    command = " ".join(sys.argv)
+    command = _command_line()
     commit = git_commit()
     key = f"map_at_{base.eval.topk}"
     records: list[dict] = []
     details_dir = out.with_suffix("")
+    shown = None  # (model, config, method, bits, seed) of the model drawn on the Poincare disk
     for seed in seeds:
         for bits in bits_list:
             for method in methods:
@@ -118,8 +173,11 @@ def run_grid(
                     config = None
                 else:
                     cfg = method_config(protocol, method, bits, seed, list(overrides))
-                    scores = run_learned(cfg, prep, progress)
+                    scores, model = run_learned(cfg, prep, progress, return_model=True)
                     rec_bits, config = bits, cfg.to_dict()
+                    if method == "hihpq" or shown is None or shown[2] != "hihpq":
+                        shown = (model, cfg, method, bits, seed)
+                    del model
                 record = {
                     "method": method,
                     "bits": rec_bits,
@@ -146,12 +204,45 @@ def run_grid(
                     },
                 )
                 merge_records(out, [record])
+    if report:
+        paths = []
+        if shown is not None:  # first, so that table.md can show it
+            model, cfg, method, bits, seed = shown
+            paths.append(plot_model_poincare(model, cfg, prep, details_dir / f"poincare-{method}-{bits}-{seed}.png"))
+        paths += write_grid_report(out, title=f"{protocol}: {prep.split.summary()}")
+        print(f"report: {', '.join(p.name for p in paths)} in {details_dir}/")
     return records
 
 
-def summarise(records: list[dict], key: str = "map_at_1000") -> dict[tuple[str, int], tuple[float, float, int]]:
-    """(method, bits) -> (mean, std, n) over seeds."""
-    groups: dict[tuple[str, int], list[float]] = {}
-    for r in records:
-        groups.setdefault((r["method"], r["bits"]), []).append(r[key])
-    return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in groups.items()}
+def write_grid_report(out: str | Path, title: str | None = None) -> list[Path]:
+    """table.md and plots of every record in the results file ``out``, from the details folder beside it."""
+    from hihpq.report import write_report
+
+    out = Path(out)
+    details_dir = out.with_suffix("")
+    records = json.loads(out.read_text())
+    keys = {(r["method"], r["bits"], r["seed"]) for r in records}
+    details = []
+    for path in sorted(details_dir.glob("*.json")):
+        d = json.loads(path.read_text())
+        if isinstance(d, dict) and (d.get("method"), d.get("bits"), d.get("seed")) in keys:
+            details.append(d)
+    return write_report(details_dir, records, details, title=title)
+
+
+def plot_model_poincare(model, cfg: Config, prep: P.PreparedFeatures, path: str | Path) -> Path:
+    """Subspace 1 of a trained model on the Poincare disk: up to 2,000 training images coloured by class, the
+    codewords and the prototypes of a hierarchy fitted (with the config's levels) on all training images."""
+    from hihpq.report import plot_poincare
+
+    split = prep.split
+    levels = [n for n in cfg.hierarchy.levels if n <= len(split.train)]
+    return plot_poincare(
+        model,
+        prep.clean_of(split.train),
+        split.train_labels,
+        path,
+        levels=levels,
+        seed=cfg.seed,
+        title=f"{cfg.name}, seed {cfg.seed}",
+    )

@@ -1,4 +1,4 @@
-"""Command line: ``hihpq train | evaluate | encode | search | index info | configs | demo``.
+"""Command line: ``hihpq train | evaluate | encode | search | index info | configs | demo | bench``.
 
 Every command that produces results writes ``run.json`` (config, seed, versions, git commit) beside them.
 """
@@ -150,6 +150,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from hihpq.benchmark import run_grid
+
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    out = Path(args.out)
+    run_grid(args.protocol, args.methods, args.bits, args.seeds, out, overrides, args.data, progress=not args.quiet)
+    table = out.with_suffix("") / "table.md"
+    print(f"\n{table.read_text()}\nrecords in {out}, report and per-run details in {table.parent}/")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hihpq", description=__doc__.split("\n")[0])
@@ -200,6 +213,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="an even smaller run (a minute or two)")
     p.set_defaults(func=cmd_demo)
+
+    from hihpq.report import METHOD_NAMES  # the names of benchmark.METHODS, without importing the training code
+
+    p = sub.add_parser(
+        "bench",
+        help="run a grid of methods x bits x seeds on a protocol; write results.json, table.md and plots",
+    )
+    p.add_argument("--protocol", default="cifar10-ii", help="config family, e.g. cifar10-ii, cifar10-i, flickr25k")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["hihpq", "pq", "opq"],
+        choices=list(METHOD_NAMES),
+        metavar="METHOD",
+        help=f"any of {', '.join(METHOD_NAMES)} (default: hihpq pq opq)",
+    )
+    p.add_argument("--bits", nargs="+", type=int, default=[16, 32, 64])
+    p.add_argument("--seeds", nargs="+", type=int, default=[2021])
+    p.add_argument("--data", help="dataset location (CIFAR-10: folder with cifar10-jpeg/; else $HIHPQ_DATA)")
+    p.add_argument("--out", default="results.json", help="records file (merged); details and report beside it")
+    p.add_argument(
+        "-o",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value in every run, e.g. -o train.epochs=10 (repeatable)",
+    )
+    p.add_argument("--device", help="cpu or cuda (overrides train.device)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

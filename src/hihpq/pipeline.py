@@ -148,17 +148,21 @@ def retrieval_scores(ranked: np.ndarray, query_labels: np.ndarray, db_labels: np
     }
 
 
-def evaluate_model(model: HiHPQ, query_feats, db_feats, query_labels, db_labels, topk: int, metric: str = "adc"):
-    """Encode the database, search the queries (ADC or SDC), score; returns figures and timings."""
+def rank_database(model: HiHPQ, query_feats, db_feats, topk: int, metric: str = "adc"):
+    """Encode the database, search the queries (ADC or SDC): (ranked ids (n_q, topk), timings)."""
     t0 = time.perf_counter()
     q_emb, db_emb = embed(model, query_feats), embed(model, db_feats)
     index = build_index(model, db_emb, metric=metric)
     t1 = time.perf_counter()
     _, ranked = index.search(q_emb, topk)
-    t2 = time.perf_counter()
-    out = retrieval_scores(ranked, query_labels, db_labels, topk)
-    out.update(encode_s=t1 - t0, search_s=t2 - t1, n_query=len(q_emb), n_db=len(db_emb))
-    return out
+    info = {"encode_s": t1 - t0, "search_s": time.perf_counter() - t1, "n_query": len(q_emb), "n_db": len(db_emb)}
+    return ranked, info
+
+
+def evaluate_model(model: HiHPQ, query_feats, db_feats, query_labels, db_labels, topk: int, metric: str = "adc"):
+    """Retrieval figures (mAP@topk, precision@K) and timings of a trained model."""
+    ranked, info = rank_database(model, query_feats, db_feats, topk, metric)
+    return {**retrieval_scores(ranked, query_labels, db_labels, topk), **info}
 
 
 # ----------------------------------------------------------------------------------------- data and features
