@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every SIMD build it tries
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

@@ -114,7 +114,7 @@ def _plot(path: Path, rows, history, topk: int) -> Path:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("loss")
     ax2b.set_ylabel("quantization error")
-    ax2.legend(loc="upper right")
+    ax2.legend(loc="center right")
     ax2.set_title("training")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
