@@ -19,6 +19,10 @@ log = logging.getLogger("hihpq")
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="built-in config name (see `hihpq configs`) or a YAML file")
+    _add_override_args(p)
+
+
+def _add_override_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o",
         "--set",
@@ -58,17 +62,26 @@ def cmd_train(args) -> int:
     save_config(cfg, out / "config.yaml")
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    prep = P.prepare_features(cfg)
+    online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
+    if online:
+        prep = P.prepare_online(cfg)
+        in_dim, source = prep.in_dim, prep.source
+    else:
+        prep = P.prepare_features(cfg)
+        in_dim, source = prep.clean.shape[1], prep.train_source()
     t_feat = time.perf_counter() - t0
     print(prep.split.summary())
-    model = P.build_model(cfg, prep.clean.shape[1])
+    model = P.build_model(cfg, in_dim, backbone=prep.backbone if online else None)
     trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg), out_dir=out)
-    trainer.fit(prep.train_source(), resume=args.resume)
+    trainer.fit(source, resume=args.resume)
     t_train = time.perf_counter() - t0 - t_feat
-    P.save_model(out / "model.pt", model, cfg, prep.clean.shape[1])
+    P.save_model(out / "model.pt", model, cfg, in_dim)
     record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
     if not args.no_eval:
-        scores = P.evaluate_prepared(model, prep, cfg.eval.topk, cfg.eval.metric)
+        if online:
+            scores = P.evaluate_online(model, prep.split, cfg, cfg.eval.topk, cfg.eval.metric)
+        else:
+            scores = P.evaluate_prepared(model, prep, cfg.eval.topk, cfg.eval.metric)
         record["eval"] = scores
         print(f"mAP@{cfg.eval.topk} = {scores[f'map_at_{cfg.eval.topk}']:.4f}")
     write_json(out / "run.json", record)
@@ -80,12 +93,11 @@ def cmd_evaluate(args) -> int:
     from hihpq import pipeline as P
 
     model, cfg, _ = P.load_model(args.model)
-    if args.data:
-        cfg.data.root = args.data
-    prep = P.prepare_features(cfg)
+    split, q_emb, db_emb = P.protocol_embeddings(model, cfg, args.data)
     topk = args.topk or cfg.eval.topk
-    scores = P.evaluate_prepared(model, prep, topk, args.metric or cfg.eval.metric)
-    print(f"{prep.split.summary()}\nmAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
+    ranked, info = P.rank_embedded(model, q_emb, db_emb, topk, args.metric or cfg.eval.metric)
+    scores = {**P.retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
+    print(f"{split.summary()}\nmAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
     out = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     write_json(out / "eval.json", run_record(cfg.to_dict(), cfg.seed, eval=scores))
     return 0
@@ -101,11 +113,8 @@ def cmd_encode(args) -> int:
         emb = P.embed_images(model, cfg, paths)
         names = [str(p) for p in paths]
     else:
-        if args.data:
-            cfg.data.root = args.data
-        prep = P.prepare_features(cfg)
-        emb = P.embed(model, prep.database)
-        names = [prep.split.dataset.describe(int(i)) for i in prep.split.database]
+        split, _, emb = P.protocol_embeddings(model, cfg, args.data)
+        names = [split.dataset.describe(int(i)) for i in split.database]
     index = P.build_index(model, emb, metric=args.metric)
     write_index(index, args.out, item_names=names, metadata={"model": str(Path(args.model).resolve())})
     print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
@@ -172,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list the built-in configs")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("train", help="train HiHPQ on a protocol (frozen backbone, cached views)")
+    p = sub.add_parser("train", help="train HiHPQ on a protocol (cached frozen-backbone views, or end to end)")
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -231,18 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bits", nargs="+", type=int, default=[16, 32, 64])
     p.add_argument("--seeds", nargs="+", type=int, default=[2021])
-    p.add_argument("--data", help="dataset location (CIFAR-10: folder with cifar10-jpeg/; else $HIHPQ_DATA)")
     p.add_argument("--out", default="results.json", help="records file (merged); details and report beside it")
-    p.add_argument(
-        "-o",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value in every run, e.g. -o train.epochs=10 (repeatable)",
-    )
-    p.add_argument("--device", help="cpu or cuda (overrides train.device)")
+    _add_override_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
     return parser

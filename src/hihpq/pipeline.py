@@ -75,8 +75,14 @@ def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
 
 # ------------------------------------------------------------------------------------------------ model files
 def save_model(path: str | Path, model: HiHPQ, cfg: Config, in_dim: int, extra: dict | None = None) -> None:
-    """Save the trained head (projector + quantizer) with its config, atomically; loadable with weights_only."""
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    """Save the trained model with its config, atomically; loadable with weights_only.
+
+    A frozen backbone is left out (it is rebuilt from the config's weights); a trained one is kept, with a
+    ``backbone`` entry (name, trainable set, resolution, weights id) telling :func:`load_model` to rebuild it.
+    """
+    backbone = model.backbone
+    keep_backbone = backbone is not None and any(p.requires_grad for p in backbone.parameters())
+    state = {k: v for k, v in model.state_dict().items() if keep_backbone or not k.startswith("backbone.")}
     payload = {
         "format": MODEL_FORMAT,
         "config": cfg.to_dict(),
@@ -84,12 +90,19 @@ def save_model(path: str | Path, model: HiHPQ, cfg: Config, in_dim: int, extra: 
         "state_dict": state,
         "extra": extra or {},
     }
+    if keep_backbone:
+        payload["backbone"] = {
+            "name": str(getattr(backbone, "name", cfg.backbone.name)),
+            "trainable": str(getattr(backbone, "trainable", "all")),
+            "resolution": int(cfg.backbone.resolution),
+            "weights_id": str(getattr(backbone, "weights_id", "")),
+        }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[HiHPQ, Config, dict]:
-    """Load a model saved by :func:`save_model` (without backbone; see :func:`attach_backbone`)."""
+    """Load a model saved by :func:`save_model`; with a trained backbone when the file holds one."""
     from hihpq.config import from_dict
 
     path = Path(path)
@@ -104,7 +117,14 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[HiHPQ, Config, di
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a hihpq model file (expected format {MODEL_FORMAT})")
     cfg = from_dict(payload["config"])
-    model = build_model(cfg, payload["in_dim"])
+    backbone = None
+    if payload.get("backbone"):
+        from hihpq.models import build_backbone
+
+        info = payload["backbone"]
+        backbone = build_backbone(info["name"], weights=None, trainable=info["trainable"])
+        backbone.weights_id = info.get("weights_id") or backbone.weights_id
+    model = build_model(cfg, payload["in_dim"], backbone=backbone)
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model.to(device), cfg, payload.get("extra", {})
@@ -152,6 +172,12 @@ def rank_database(model: HiHPQ, query_feats, db_feats, topk: int, metric: str = 
     """Encode the database, search the queries (ADC or SDC): (ranked ids (n_q, topk), timings)."""
     t0 = time.perf_counter()
     q_emb, db_emb = embed(model, query_feats), embed(model, db_feats)
+    return rank_embedded(model, q_emb, db_emb, topk, metric, t0)
+
+
+def rank_embedded(model: HiHPQ, q_emb, db_emb, topk: int, metric: str = "adc", t0: float | None = None):
+    """:func:`rank_database` on embeddings already computed (``t0``: when encoding started, for timings)."""
+    t0 = time.perf_counter() if t0 is None else t0
     index = build_index(model, db_emb, metric=metric)
     t1 = time.perf_counter()
     _, ranked = index.search(q_emb, topk)
@@ -294,6 +320,86 @@ def prepare_features(
     return PreparedFeatures(split, clean.features, used, views.features, clean.n_skipped, train_valid)
 
 
+# ------------------------------------------------------------------------------------- online (end to end)
+@dataclass
+class PreparedOnline:
+    """What an end-to-end run needs: the protocol, the backbone to train and the augmenting view source."""
+
+    split: Any
+    backbone: torch.nn.Module
+    source: Any  # hihpq.train.ImageViews over split.train
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.backbone.feature_dim)
+
+    @property
+    def n_skipped(self) -> int:
+        return self.source.n_skipped
+
+
+def prepare_online(cfg: Config, split=None, data_dir: str | None = None) -> PreparedOnline:
+    """Build the backbone (``cfg.backbone.trainable`` set trainable) and the view source of the training images.
+
+    No feature is computed: every training step augments images and runs them through the backbone.
+    """
+    from hihpq.data import AugmentConfig, eval_transform, train_transform
+    from hihpq.models import build_backbone
+    from hihpq.train import ImageViews
+
+    split = split if split is not None else make_split(cfg, data_dir)
+    bb = cfg.backbone
+    backbone = build_backbone(bb.name, weights=bb.weights, trainable=bb.trainable)
+    res = bb.resolution
+    workers = cfg.features.num_workers
+    source = ImageViews(
+        split.dataset,
+        split.train,
+        train_transform(AugmentConfig(resolution=res), backbone.mean, backbone.std),
+        eval_transform(res, backbone.mean, backbone.std),
+        num_workers=4 if workers is None else workers,
+        clean_batch_size=cfg.features.batch_size,
+    )
+    return PreparedOnline(split, backbone, source)
+
+
+def embed_split(model: HiHPQ, split, cfg: Config, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings (n, M, D) of the queries and the database, clean view through the model's (trained) backbone."""
+    from hihpq.data import extract_clean_features
+
+    if model.backbone is None:
+        raise ValueError("embed_split needs a model with its backbone (an end-to-end trained model)")
+    device = next(model.parameters()).device
+    used = np.unique(np.concatenate([split.query, split.database]))
+    kw = {} if cfg.features.num_workers is None else {"num_workers": cfg.features.num_workers}
+    feats = extract_clean_features(
+        model.backbone,
+        split.dataset,
+        used,
+        resolution=cfg.backbone.resolution,
+        batch_size=cfg.features.batch_size,
+        device=device,
+        cache=None,
+        progress=progress,
+        **kw,
+    )
+    emb = embed(_head(model), feats.features, device=str(device))
+    return emb[np.searchsorted(used, split.query)], emb[np.searchsorted(used, split.database)]
+
+
+def evaluate_online(model: HiHPQ, split, cfg: Config, topk: int, metric: str = "adc") -> dict[str, Any]:
+    """Retrieval figures of an end-to-end trained model (queries and database through its backbone)."""
+    t0 = time.perf_counter()
+    q_emb, db_emb = embed_split(model, split, cfg)
+    ranked, info = rank_embedded(model, q_emb, db_emb, topk, metric, t0)
+    return {**retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
+
+
+def _head(model: HiHPQ) -> HiHPQ:
+    """The model without its backbone (the same projector and quantizer modules, same mode)."""
+    return HiHPQ(model.projector, model.quantizer).train(model.training)
+
+
 # ------------------------------------------------------------------------------------------- loose images
 def list_images(path: str | Path) -> list[Path]:
     """One image file, or every image file below a folder (sorted)."""
@@ -315,7 +421,8 @@ def embed_images(model: HiHPQ, cfg: Config, paths: list[Path], progress: bool = 
     from hihpq.data import ImageDataset, extract_clean_features
     from hihpq.models import build_backbone
 
-    backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights)
+    trained = model.backbone is not None  # an end-to-end trained model carries its own backbone
+    backbone = model.backbone if trained else build_backbone(cfg.backbone.name, weights=cfg.backbone.weights)
     feats = extract_clean_features(
         backbone,
         ImageDataset(paths),
@@ -325,4 +432,15 @@ def embed_images(model: HiHPQ, cfg: Config, paths: list[Path], progress: bool = 
     )
     if feats.n_skipped:
         raise ValueError(f"could not read {feats.n_skipped} image(s): {', '.join(feats.skipped[:5])}")
-    return embed(model, feats.features)
+    return embed(_head(model) if trained else model, feats.features)
+
+
+def protocol_embeddings(model: HiHPQ, cfg: Config, data_dir: str | None = None):
+    """(split, query embeddings, database embeddings) of the config's protocol, whichever way the model was trained:
+    through its own backbone (end to end) or from the frozen-backbone feature cache."""
+    if model.backbone is not None:
+        split = make_split(cfg, data_dir)
+        q_emb, db_emb = embed_split(model, split, cfg)
+        return split, q_emb, db_emb
+    prep = prepare_features(cfg, data_dir=data_dir)
+    return prep.split, embed(model, prep.queries), embed(model, prep.database)

@@ -9,9 +9,11 @@ through the backbone on every step (GPUs, fine-tuning).
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +28,8 @@ from hihpq.models.hihpq import HiHPQ
 from hihpq.runinfo import atomic_path, write_json
 
 CHECKPOINT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,6 +75,97 @@ class CachedViews:
     def clean(self, batch_size):
         for start in range(0, self.n, batch_size):
             yield torch.from_numpy(np.asarray(self.clean_feats[start : start + batch_size], dtype=np.float32))
+
+
+class ImageViews:
+    """Images augmented on every step, for training through the backbone (GPUs, fine-tuning).
+
+    ``pair`` gives two independently augmented views of each image, ``one`` one augmented view, ``clean``
+    the evaluation view of every training image in order. Each view's augmentation is seeded from a draw of
+    the ``rng`` passed in (torch's CPU generator is forked, so the caller's torch stream is untouched), which
+    makes a run, and its resumption from a checkpoint, reproducible.
+
+    Args:
+        dataset: the pooled images (an :class:`~hihpq.data.folders.ImageSource`; its own transform is ignored).
+        indices: dataset indices of the training images; row ``i`` of this source is ``dataset[indices[i]]``.
+        train_transform: the augmentation, PIL image -> (3, H, W) normalised tensor (random, from torch's
+            global generator as torchvision's transforms are).
+        clean_transform: the deterministic evaluation transform, same output shape.
+        num_workers: threads decoding images (augmentation itself runs in this thread, in order, so that the
+            seeding is exact); 0 or 1 decodes sequentially.
+        clean_batch_size: cap on the images per batch of :meth:`clean` (the hierarchy refresh asks for large
+            batches, which are fine for features but not for images through a large backbone).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        indices: np.ndarray,
+        train_transform: Callable,
+        clean_transform: Callable,
+        *,
+        num_workers: int = 4,
+        clean_batch_size: int = 256,
+    ):
+        self.dataset = dataset.with_transform(None)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.indices.ndim != 1 or not len(self.indices):
+            raise ValueError(f"indices must be a non-empty 1-d array, got shape {self.indices.shape}")
+        self.train_transform, self.clean_transform = train_transform, clean_transform
+        self.n = len(self.indices)
+        self.num_workers = int(num_workers)
+        self.clean_batch_size = max(1, int(clean_batch_size))
+        self.skipped: set[int] = set()  # dataset indices of unreadable images (placeholders were used)
+        self._pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 1 else None
+
+    @property
+    def n_skipped(self) -> int:
+        """Distinct unreadable training images met so far (each was replaced by the dataset's placeholder)."""
+        return len(self.skipped)
+
+    def _load(self, rows: np.ndarray) -> list:
+        items = [int(i) for i in self.indices[np.asarray(rows, dtype=np.int64)]]
+        load = self._pool.map if self._pool is not None else map
+        loaded = list(load(self.dataset.__getitem__, items))
+        images = []
+        for image, index, ok in loaded:
+            if not ok and index not in self.skipped:
+                self.skipped.add(index)
+                log.warning("unreadable training image %s: using a placeholder", self.dataset.describe(index))
+            images.append(image)
+        return images
+
+    def _augment(self, images: list, seeds: np.ndarray) -> torch.Tensor:
+        out = []
+        with torch.random.fork_rng(devices=[]):
+            for image, seed in zip(images, seeds, strict=True):
+                torch.random.default_generator.manual_seed(int(seed))
+                out.append(self.train_transform(image))
+        return torch.stack(out)
+
+    @staticmethod
+    def _seeds(rng: np.random.Generator, shape) -> np.ndarray:
+        return rng.integers(0, np.iinfo(np.int64).max, size=shape, dtype=np.int64)
+
+    def pair(self, idx, rng):
+        seeds = self._seeds(rng, (len(idx), 2))
+        images = self._load(idx)
+        return self._augment(images, seeds[:, 0]), self._augment(images, seeds[:, 1])
+
+    def one(self, idx, rng):
+        seeds = self._seeds(rng, len(idx))
+        return self._augment(self._load(idx), seeds)
+
+    def clean(self, batch_size):
+        step = min(int(batch_size), self.clean_batch_size)
+        for start in range(0, self.n, step):
+            rows = np.arange(start, min(start + step, self.n))
+            yield torch.stack([self.clean_transform(image) for image in self._load(rows)])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 @dataclass
@@ -270,7 +365,7 @@ class Trainer:
         B = len(idx)
         if not torch.isfinite(x).all():
             rows = np.concatenate([idx, idx, *pos_idx])  # image of each row of x
-            bad = np.unique(rows[~torch.isfinite(x).all(1).cpu().numpy()])
+            bad = np.unique(rows[~torch.isfinite(x).flatten(1).all(1).cpu().numpy()])
             raise ValueError(
                 f"non-finite input features for training images {bad[:5].tolist()} "
                 f"(epoch {self.epoch + 1}, step {self.step}); check the images or the feature cache"

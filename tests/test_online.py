@@ -1,0 +1,180 @@
+"""The online (end-to-end) training path: images augmented through a trainable backbone on every step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hihpq import pipeline as P
+from hihpq.cli import main
+from hihpq.config import load_config
+from hihpq.data import ImageFolderDataset, eval_transform
+from hihpq.data.transforms import AugmentConfig, train_transform
+from hihpq.train import ImageViews, Trainer
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def _colour_folder(root: Path, per_class: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        for k in range(per_class):
+            img = np.clip(np.array(rgb) + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / name / f"{k:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("online")
+    images = _colour_folder(tmp / "images")
+    config = tmp / "tiny.yaml"
+    config.write_text(
+        f"""
+base: cifar10-ii-16
+name: tiny-online
+data: {{dataset: folder, root: {images}, n_query: 12, n_train: 48}}
+backbone: {{resolution: 32, trainable: true}}
+features: {{batch_size: 32, num_workers: 0, cache_dir: {tmp / "cache"}}}
+quantizer: {{bits: 8, n_codewords: 16, feature_dim: 8}}
+projector: {{hidden: 64}}
+hierarchy: {{levels: [6, 3], warmup_epochs: 1}}
+train: {{epochs: 3, batch_size: 16, lr: 0.005}}
+eval: {{topk: 20}}
+"""
+    )
+    return tmp, images, config
+
+
+def _trainer(cfg, out_dir=None, freeze_stem=False):
+    prep = P.prepare_online(cfg)
+    if freeze_stem:  # a partly trainable backbone: the stem frozen, the rest trained
+        for p in [*prep.backbone.net._conv_stem.parameters(), *prep.backbone.net._bn0.parameters()]:
+            p.requires_grad_(False)
+        prep.backbone.train(prep.backbone.training)
+    model = P.build_model(cfg, prep.in_dim, backbone=prep.backbone)
+    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=False), out_dir=out_dir)
+    return trainer, prep
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    _, _, config = setup
+    cfg = load_config(str(config))
+    trainer, prep = _trainer(cfg, freeze_stem=True)
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    history = trainer.fit(prep.source)
+    return cfg, trainer, prep, before, history
+
+
+def test_image_views_are_seeded_by_the_rng_and_count_unreadable_images(make_image_folder):
+    root = make_image_folder(per_class=3, size=(20, 20))
+    (root / "cat" / "broken.jpg").write_bytes(b"not an image")
+    ds = ImageFolderDataset(root)
+    broken = next(i for i in range(len(ds)) if "broken" in ds.describe(i))
+    mean = std = (0.5, 0.5, 0.5)
+    src = ImageViews(
+        ds,
+        np.arange(len(ds)),
+        train_transform(AugmentConfig(resolution=16), mean, std),
+        eval_transform(16, mean, std),
+        num_workers=2,
+        clean_batch_size=4,
+    )
+    idx = np.array([0, broken, 3])
+    torch.manual_seed(0)
+    a1, a2 = src.pair(idx, np.random.default_rng(7))
+    state = torch.get_rng_state()
+    b1, b2 = src.pair(idx, np.random.default_rng(7))
+    assert torch.equal(state, torch.get_rng_state())  # the caller's torch stream is untouched
+    assert a1.shape == (3, 3, 16, 16) and torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(a1, a2)  # two independent views
+    assert not torch.equal(src.one(idx, np.random.default_rng(8)), a1)
+    clean = torch.cat(list(src.clean(1024)))
+    assert clean.shape == (len(ds), 3, 16, 16)
+    assert torch.equal(clean, torch.cat(list(src.clean(3))))
+    assert src.n_skipped == 1 and src.skipped == {broken}
+    src.close()
+
+
+def test_online_training_updates_only_the_trainable_backbone_parameters(trained):
+    _, trainer, prep, before, history = trained
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    assert history[-1]["hierarchy"] and prep.source.n_skipped == 0
+    after = trainer.model.backbone.state_dict()
+    frozen = [k for k in after if k.startswith(("net._conv_stem.", "net._bn0."))]
+    assert frozen and all(torch.equal(before[k], after[k].cpu()) for k in frozen)  # BN statistics included
+    changed = [k for k in after if k not in frozen and not torch.equal(before[k], after[k].cpu())]
+    trainable = [n for n, p in trainer.model.backbone.named_parameters() if p.requires_grad]
+    assert set(trainable) <= set(changed) and len(trainable) > 50
+    # the optimiser holds exactly the trainable parameters
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+
+
+def test_saved_model_keeps_the_trained_backbone(trained, tmp_path):
+    cfg, trainer, prep, _, _ = trained
+    model = trainer.model.eval()
+    P.save_model(tmp_path / "model.pt", model, cfg, prep.in_dim)
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert payload["backbone"]["name"] == "efficientnet-lite0" and payload["backbone"]["resolution"] == 32
+    loaded, _, _ = P.load_model(tmp_path)
+    q0, db0 = P.embed_split(model, prep.split, cfg)
+    q1, db1 = P.embed_split(loaded, prep.split, cfg)
+    np.testing.assert_array_equal(q0, q1)
+    np.testing.assert_array_equal(db0, db1)
+    # the pretrained backbone gives other embeddings: the trained one really was saved
+    fresh = P.build_model(cfg, prep.in_dim, backbone=P.prepare_online(cfg).backbone)
+    fresh.load_state_dict({k: v for k, v in loaded.state_dict().items() if not k.startswith("backbone.")}, strict=False)
+    assert not np.allclose(P.embed_split(fresh.eval(), prep.split, cfg)[0], q0)
+
+
+def test_resume_equals_uninterrupted_run(setup, tmp_path, monkeypatch):
+    _, _, config = setup
+    cfg = load_config(str(config))
+    full, prep = _trainer(cfg, out_dir=tmp_path / "full")
+    full.fit(prep.source)
+
+    part, prep = _trainer(cfg, out_dir=tmp_path / "part")
+    original = Trainer._train_step
+
+    def interrupt_in_epoch_2(self, *args):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(prep.source)
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    resumed, prep = _trainer(cfg, out_dir=tmp_path / "part")
+    resumed.fit(prep.source, resume=True)
+
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history])
+
+
+def test_cli_trains_end_to_end_with_a_trainable_backbone(setup, tmp_path):
+    _, images, config = setup
+    run = tmp_path / "run"
+    args = ["train", str(config), "-o", "backbone.trainable=true", "-o", "train.epochs=2", "--out", str(run)]
+    assert main(args) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["config"]["backbone"]["trainable"] is True
+    assert record["eval"]["map_at_20"] > 0.5  # 3 colour classes: random ranking scores about 1/3
+    assert len(json.loads((run / "log.json").read_text())) == 2
+    assert "backbone" in torch.load(run / "model.pt", weights_only=True)
+    index = tmp_path / "colours.hpq"
+    assert main(["encode", str(run), "--images", str(images), "--out", str(index)]) == 0
+    # evaluate and encode the protocol's database go through the model's own trained backbone
+    assert main(["evaluate", str(run)]) == 0
+    evaluated = json.loads((run / "eval.json").read_text())["eval"]["map_at_20"]
+    assert evaluated == pytest.approx(record["eval"]["map_at_20"], abs=1e-6)
+    assert main(["encode", str(run), "--out", str(tmp_path / "db.hpq")]) == 0
