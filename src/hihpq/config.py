@@ -51,6 +51,7 @@ class FeaturesConfig:
     batch_size: int = 64
     num_workers: int | None = None  # DataLoader workers (None: 1 for clean views, 2 for augmented ones)
     cache_dir: str | None = None  # default ~/.cache/hihpq/features
+    seed: int = 2021  # augmentation seed of the cached views, apart from the run seed so that seeds share a cache
 
 
 @dataclass

@@ -313,7 +313,7 @@ def prepare_features(
         split.train,
         n_views=cfg.features.n_views,
         augment=aug,
-        seed=cfg.seed,
+        seed=cfg.features.seed,
         **common,
     )
     train_valid = views.valid & clean.valid[np.searchsorted(used, split.train)]
