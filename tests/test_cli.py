@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from helpers import write_colour_folder
 from hihpq.cli import main
 from hihpq.metrics import map_at_k
-
-COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
-
-
-def _colour_folder(root: Path, per_class: int = 30) -> Path:
-    """Classes that a pretrained backbone can tell apart: noisy images of one dominant colour each."""
-    rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        for k in range(per_class):
-            img = np.clip(np.array(rgb) + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-            (root / name).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(root / name / f"{k:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    images = _colour_folder(tmp / "images")
+    images = write_colour_folder(tmp / "images", per_class=30)
     config = tmp / "tiny.yaml"
     config.write_text(
         f"""

@@ -11,8 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
+from helpers import write_colour_folder
 from hihpq import pipeline as P
 from hihpq.benchmark import METHODS, curve_ks
 from hihpq.config import load_config
@@ -352,20 +352,10 @@ def test_benchmark_evaluation_matches_the_pipeline_one():
         assert prec[ks.index(k)] == pytest.approx(p, abs=1e-12)
 
 
-def _colour_folder(root: Path, per_class: int = 30) -> Path:
-    rng = np.random.default_rng(0)
-    for name, rgb in {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for k in range(per_class):
-            img = np.clip(np.array(rgb) + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / name / f"{k:03d}.png")
-    return root
-
-
 def test_bench_end_to_end(tmp_path, capsys):
     from hihpq.cli import main
 
-    images = _colour_folder(tmp_path / "images")
+    images = write_colour_folder(tmp_path / "images")
     tiny = [
         "data.dataset=folder",
         f"data.root={images}",
