@@ -363,19 +363,20 @@ def prepare_online(cfg: Config, split=None, data_dir: str | None = None) -> Prep
     return PreparedOnline(split, backbone, source)
 
 
-def embed_split(model: HiHPQ, split, cfg: Config, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings (n, M, D) of the queries and the database, clean view through the model's (trained) backbone."""
+def _embed_clean_images(model: HiHPQ, cfg: Config, dataset, indices=None, progress: bool = False):
+    """Clean view of ``dataset[indices]`` through the model's own backbone (end-to-end models) or the config's frozen
+    one, then the head: (embeddings (n, M, D), the extracted features with their skip report)."""
     from hihpq.data import extract_clean_features
+    from hihpq.models import build_backbone
 
-    if model.backbone is None:
-        raise ValueError("embed_split needs a model with its backbone (an end-to-end trained model)")
+    trained = model.backbone is not None
     device = next(model.parameters()).device
-    used = np.unique(np.concatenate([split.query, split.database]))
+    backbone = model.backbone if trained else build_backbone(cfg.backbone.name, weights=cfg.backbone.weights).to(device)
     kw = {} if cfg.features.num_workers is None else {"num_workers": cfg.features.num_workers}
     feats = extract_clean_features(
-        model.backbone,
-        split.dataset,
-        used,
+        backbone,
+        dataset,
+        indices,
         resolution=cfg.backbone.resolution,
         batch_size=cfg.features.batch_size,
         device=device,
@@ -383,7 +384,15 @@ def embed_split(model: HiHPQ, split, cfg: Config, progress: bool = False) -> tup
         progress=progress,
         **kw,
     )
-    emb = embed(_head(model), feats.features, device=str(device))
+    return embed(_head(model) if trained else model, feats.features, device=str(device)), feats
+
+
+def embed_split(model: HiHPQ, split, cfg: Config, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings (n, M, D) of the queries and the database, clean view through the model's (trained) backbone."""
+    if model.backbone is None:
+        raise ValueError("embed_split needs a model with its backbone (an end-to-end trained model)")
+    used = np.unique(np.concatenate([split.query, split.database]))
+    emb, _ = _embed_clean_images(model, cfg, split.dataset, used, progress)
     return emb[np.searchsorted(used, split.query)], emb[np.searchsorted(used, split.database)]
 
 
@@ -417,22 +426,13 @@ def list_images(path: str | Path) -> list[Path]:
 
 
 def embed_images(model: HiHPQ, cfg: Config, paths: list[Path], progress: bool = True) -> np.ndarray:
-    """Product-manifold embeddings (n, M, D) of image files through the config's backbone (clean view)."""
-    from hihpq.data import ImageDataset, extract_clean_features
-    from hihpq.models import build_backbone
+    """Product-manifold embeddings (n, M, D) of image files (clean view); unreadable files are an error here."""
+    from hihpq.data import ImageDataset
 
-    trained = model.backbone is not None  # an end-to-end trained model carries its own backbone
-    backbone = model.backbone if trained else build_backbone(cfg.backbone.name, weights=cfg.backbone.weights)
-    feats = extract_clean_features(
-        backbone,
-        ImageDataset(paths),
-        resolution=cfg.backbone.resolution,
-        batch_size=cfg.features.batch_size,
-        progress=progress,
-    )
+    emb, feats = _embed_clean_images(model, cfg, ImageDataset(paths), None, progress)
     if feats.n_skipped:
         raise ValueError(f"could not read {feats.n_skipped} image(s): {', '.join(feats.skipped[:5])}")
-    return embed(_head(model) if trained else model, feats.features)
+    return emb
 
 
 def protocol_embeddings(model: HiHPQ, cfg: Config, data_dir: str | None = None):
