@@ -95,6 +95,23 @@ def test_training_lowers_the_loss_and_codes_beat_random(tmp_path):
     assert scores["map_at_40"] > random_map + 0.3
 
 
+def test_curvature_lr_scale_sets_the_curvature_step_and_zero_freezes_it(tmp_path):
+    clean, views, _ = _blobs()
+    moved = {}
+    for scale in (0.0, 0.1, 1.0):
+        trainer = _trainer(
+            _cfg(tmp_path, "train.epochs=2", "quantizer.learn_curvature=true", f"train.curvature_lr_scale={scale}")
+        )
+        c0 = trainer.model.quantizer.curvature.detach().clone()
+        trainer.fit(CachedViews(views, clean))
+        (group,) = [g for g in trainer.optimizer.param_groups if g.get("lr_scale") is not None]
+        assert group["params"] == [trainer.model.quantizer.curvature_raw]
+        assert group["lr"] == pytest.approx(scale * trainer.history[-1]["lr"])
+        moved[scale] = float((trainer.model.quantizer.curvature.detach() - c0).abs().max())
+    assert moved[0.0] == 0.0
+    assert 0 < moved[0.1] < moved[1.0]
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     clean, views, _ = _blobs()
     full = _trainer(_cfg(tmp_path), out_dir=tmp_path / "full")

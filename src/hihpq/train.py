@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from hihpq.hierarchy import HierarchicalClustering
@@ -179,6 +180,7 @@ class TrainSettings:
     weight_decay: float = 5e-3
     warmup_epochs: int = 1
     min_lr: float = 1e-5
+    curvature_lr_scale: float = 1.0
     levels: list[int] = field(default_factory=lambda: [100, 50, 25])
     n_subclusters: int | None = None
     hierarchy_warmup: int = 3
@@ -239,10 +241,18 @@ class Trainer:
         self.device = torch.device(settings.device)
         self.model.to(self.device)
         no_decay = {id(p) for p in model.quantizer.no_weight_decay_parameters()}
+        curv = model.quantizer.curvature_raw
+        curv_ids = {id(curv)} if isinstance(curv, nn.Parameter) else set()
         params = [p for p in model.parameters() if p.requires_grad]
+        # The curvature gets its own group: its step size scales separately (curvature_lr_scale).
         groups = [
             {"params": [p for p in params if id(p) not in no_decay], "weight_decay": settings.weight_decay},
-            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+            {"params": [p for p in params if id(p) in no_decay - curv_ids], "weight_decay": 0.0},
+            {
+                "params": [p for p in params if id(p) in curv_ids],
+                "weight_decay": 0.0,
+                "lr_scale": settings.curvature_lr_scale,
+            },
         ]
         self.optimizer = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
         self.epoch = 0
@@ -314,7 +324,7 @@ class Trainer:
                 idx = perm[b * self.s.batch_size : (b + 1) * self.s.batch_size]
                 lr = lr_at(self.step, total_steps, self.s.warmup_epochs * n_batches, self.s.lr, self.s.min_lr)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 parts = self._train_step(source, idx)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
