@@ -105,6 +105,19 @@ def test_online_training_updates_only_the_trainable_backbone_parameters(trained)
     assert in_opt == {id(p) for p in trainer.model.parameters() if p.requires_grad}
 
 
+def test_backbone_layers_step_at_their_own_scale(setup):
+    _, _, config = setup
+    cfg = load_config(str(config), ["train.backbone_lr_scale=0.1", "train.epochs=1"])
+    trainer, prep = _trainer(cfg)
+    trainer.fit(prep.source)
+    backbone = {id(p) for p in trainer.model.backbone.parameters()}
+    (group,) = [g for g in trainer.optimizer.param_groups if {id(p) for p in g["params"]} & backbone]
+    assert {id(p) for p in group["params"]} == backbone
+    assert group["lr"] == pytest.approx(0.1 * trainer.history[-1]["lr"]) and group["weight_decay"] > 0
+    head = [g for g in trainer.optimizer.param_groups if g is not group]
+    assert head and all(g["lr"] == pytest.approx(trainer.history[-1]["lr"]) for g in head)
+
+
 def test_saved_model_keeps_the_trained_backbone(trained, tmp_path):
     cfg, trainer, prep, _, _ = trained
     model = trainer.model.eval()

@@ -108,7 +108,8 @@ class TrainConfig:
     weight_decay: float = 5e-3
     warmup_epochs: int = 1  # linear learning-rate warm-up, then cosine
     min_lr: float = 1e-5
-    curvature_lr_scale: float = 1.0  # curvature step = lr * this (0 freezes it like quantizer.learn_curvature=false)
+    curvature_lr_scale: float = 1.0  # curvature step = lr * this, when quantizer.learn_curvature
+    backbone_lr_scale: float = 1.0  # step of the trainable backbone layers = lr * this (online training)
     device: str = "cpu"
     amp: bool = False
     num_threads: int | None = None
@@ -166,8 +167,9 @@ class Config:
             raise ConfigError("features.n_views must be >= 2 (two different views per image per step)")
         if self.train.batch_size < 2:
             raise ConfigError("train.batch_size must be >= 2 (the contrastive loss needs negatives)")
-        if self.train.curvature_lr_scale < 0:
-            raise ConfigError(f"train.curvature_lr_scale must be >= 0, got {self.train.curvature_lr_scale}")
+        for key in ("curvature_lr_scale", "backbone_lr_scale"):
+            if getattr(self.train, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
         if self.loss.lambda1 < 0 or self.loss.lambda2 < 0:
             raise ConfigError("loss.lambda1 and loss.lambda2 must be >= 0")
         levels = self.hierarchy.levels

@@ -63,6 +63,7 @@ def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
         warmup_epochs=t.warmup_epochs,
         min_lr=t.min_lr,
         curvature_lr_scale=t.curvature_lr_scale,
+        backbone_lr_scale=t.backbone_lr_scale,
         levels=list(h.levels),
         n_subclusters=h.n_subclusters,
         hierarchy_warmup=h.warmup_epochs,

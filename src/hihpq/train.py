@@ -28,7 +28,7 @@ from hihpq.losses import HiHPQLoss
 from hihpq.models.hihpq import HiHPQ
 from hihpq.runinfo import atomic_path, write_json
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: optimizer groups per step scale (curvature, backbone)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class TrainSettings:
     warmup_epochs: int = 1
     min_lr: float = 1e-5
     curvature_lr_scale: float = 1.0
+    backbone_lr_scale: float = 1.0
     levels: list[int] = field(default_factory=lambda: [100, 50, 25])
     n_subclusters: int | None = None
     hierarchy_warmup: int = 3
@@ -240,21 +241,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.device = torch.device(settings.device)
         self.model.to(self.device)
-        no_decay = {id(p) for p in model.quantizer.no_weight_decay_parameters()}
-        curv = model.quantizer.curvature_raw
-        curv_ids = {id(curv)} if isinstance(curv, nn.Parameter) else set()
-        params = [p for p in model.parameters() if p.requires_grad]
-        # The curvature gets its own group: its step size scales separately (curvature_lr_scale).
-        groups = [
-            {"params": [p for p in params if id(p) not in no_decay], "weight_decay": settings.weight_decay},
-            {"params": [p for p in params if id(p) in no_decay - curv_ids], "weight_decay": 0.0},
-            {
-                "params": [p for p in params if id(p) in curv_ids],
-                "weight_decay": 0.0,
-                "lr_scale": settings.curvature_lr_scale,
-            },
-        ]
-        self.optimizer = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+        self.optimizer = torch.optim.SGD(_param_groups(model, settings), lr=settings.lr, momentum=settings.momentum)
         self.epoch = 0
         self.step = 0
         self.hierarchy: Hierarchy | None = None
@@ -271,18 +258,25 @@ class Trainer:
             "step": self.step,
             "rng": _rng_state(self.rng),
             "torch_rng": torch.get_rng_state(),
+            # dropout in a trainable backbone draws from the CUDA generator on GPU: resume must restore it too
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "hierarchy": self.hierarchy.state() if self.hierarchy else None,
             "history": self.history,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+            raise ValueError(
+                f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION} (written by another hihpq "
+                "version); resume it with that version or start the run again"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.rng = _rng_from_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())  # map_location may have moved it to the GPU
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.hierarchy = Hierarchy.from_state(state["hierarchy"]) if state["hierarchy"] else None
         self.history = list(state["history"])
 
@@ -428,6 +422,28 @@ class Trainer:
             w.writerow([*keys, "curvature"])
             for r in self.history:
                 w.writerow([r.get(k, "") for k in keys] + [" ".join(f"{c:.4f}" for c in r["curvature"])])
+
+
+def _param_groups(model: HiHPQ, s: TrainSettings) -> list[dict]:
+    """SGD groups: decayed weights, undecayed quantizer parameters, the curvature and a trainable backbone, the last
+    two with their own step scale (``lr_scale``, applied by the schedule)."""
+    q = model.quantizer
+    curvature = {id(q.curvature_raw)} if isinstance(q.curvature_raw, nn.Parameter) else set()
+    no_decay = {id(p) for p in q.no_weight_decay_parameters()} - curvature
+    backbone = {id(p) for p in model.backbone.parameters()} if model.backbone is not None else set()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def pick(ids: set[int] | None) -> list[nn.Parameter]:
+        taken = curvature | no_decay | backbone
+        return [p for p in params if (id(p) in ids if ids is not None else id(p) not in taken)]
+
+    groups = [
+        {"params": pick(None), "weight_decay": s.weight_decay},
+        {"params": pick(no_decay), "weight_decay": 0.0},
+        {"params": pick(curvature), "weight_decay": 0.0, "lr_scale": s.curvature_lr_scale},
+        {"params": pick(backbone), "weight_decay": s.weight_decay, "lr_scale": s.backbone_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
