@@ -100,6 +100,9 @@ def cmd_evaluate(args) -> int:
     print(f"{split.summary()}\nmAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
     out = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     write_json(out / "eval.json", run_record(cfg.to_dict(), cfg.seed, eval=scores))
+    if args.save_codes:
+        P.save_retrieval(args.save_codes, model, q_emb, db_emb, ranked, split, topk, scores[f"map_at_{topk}"])
+        print(f"codes, query embeddings, codebooks and rankings in {args.save_codes}")
     return 0
 
 
@@ -193,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--topk", type=int)
     p.add_argument("--metric", choices=["adc", "sdc"])
+    p.add_argument(
+        "--save-codes",
+        metavar="FILE.npz",
+        help="also write the database codes, query embeddings, codebooks, curvatures, labels and rankings "
+        "(to recompute the figures independently)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("encode", help="encode a database into an index file")

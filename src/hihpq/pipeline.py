@@ -158,6 +158,36 @@ def build_index(model: HiHPQ, db_embeddings: np.ndarray, ids: np.ndarray | None 
     return index
 
 
+def save_retrieval(path, model: HiHPQ, q_emb, db_emb, ranked, split, topk: int, map_value: float) -> None:
+    """Write what a search used and produced as one .npz (atomically), for an independent check of the figures.
+
+    Arrays: ``codes`` (n_db, M) uint8, ``queries`` (n_q, M, D) and ``codewords`` (M, K, D) as points of the
+    Lorentz model (time coordinate first, <x, x>_L = -1/c_m), ``curvature`` (M,) c_m, ``query_labels`` /
+    ``database_labels``, ``ranked`` (n_q, topk) database rows, ``topk`` and ``map`` (the reported mAP@topk).
+    The ADC distance is sum_m arcosh(-c_m <q_m, w_m,code>_L) / sqrt(c_m) (``geometry`` "euclidean": sum_m
+    ||q_m - w_m,code||); ties rank the lower row first.
+    """
+    from hihpq.runinfo import atomic_path
+
+    q = model.quantizer
+    with torch.no_grad():
+        codes = q.encode(torch.from_numpy(np.asarray(db_emb))).cpu().numpy().astype(np.uint8)
+        arrays = {
+            "codes": codes,
+            "queries": np.asarray(q_emb, dtype=np.float32),
+            "codewords": q.codebooks().detach().cpu().numpy().astype(np.float32),
+            "curvature": q.curvature.detach().cpu().numpy().astype(np.float32),
+            "geometry": np.array(q.geometry),
+            "query_labels": np.asarray(split.query_labels),
+            "database_labels": np.asarray(split.database_labels),
+            "ranked": np.asarray(ranked, dtype=np.int64),
+            "topk": np.array(topk),
+            "map": np.array(map_value),
+        }
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
 def retrieval_scores(ranked: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray, topk: int) -> dict[str, Any]:
     """mAP@topk in the field's convention plus precision at a few cut-offs."""
     from hihpq.metrics import map_at_k, precision_at_k
