@@ -23,8 +23,10 @@ from hihpq.quantizer import ProductQuantizer
 from hihpq.report import (
     METHOD_NAMES,
     aggregate,
+    claims_table,
     lorentz_to_poincare,
     markdown_table,
+    paired_differences,
     plot_map_vs_bits,
     plot_poincare,
     plot_pr_curves,
@@ -97,6 +99,27 @@ def test_aggregate_matches_numpy():
     mean, std, n = stats["pq", 16]
     assert n == 2 and mean == pytest.approx(0.525) and std == pytest.approx(np.std([0.5, 0.55], ddof=1))
     assert math.isnan(stats["opq", 32][1])
+
+
+def test_paired_differences_pair_by_seed_against_hand_computed_numbers():
+    records = [
+        _rec("hihpq", 32, 0.50, seed=1), _rec("hihpq", 32, 0.54, seed=2), _rec("hihpq", 32, 0.60, seed=3),
+        _rec("full-euclidean", 32, 0.49, seed=1), _rec("full-euclidean", 32, 0.51, seed=2),  # no seed 3
+        _rec("full-euclidean", 32, 0.10, seed=4), _rec("hihpq", 16, 0.90, seed=1),  # unpaired seed, other bits
+    ]  # fmt: skip
+    # pairs: seed 1 +0.01, seed 2 +0.03 -> mean 0.02, std sqrt(2 * 0.01^2 / 1) = 0.014142
+    mean, std, n = paired_differences(records, "hihpq", "full-euclidean", 32)
+    assert n == 2 and mean == pytest.approx(0.02) and std == pytest.approx(0.0141421356)
+    assert paired_differences(records, "hihpq", "full-euclidean", 64)[2] == 0
+    one = paired_differences([*records, _rec("full-euclidean", 16, 0.80, seed=1)], "hihpq", "full-euclidean", 16)
+    assert one[0] == pytest.approx(0.10) and math.isnan(one[1]) and one[2] == 1
+    with pytest.raises(ValueError, match="two records of hihpq"):
+        paired_differences([*records, _rec("hihpq", 32, 0.4, seed=1)], "hihpq", "full-euclidean", 32)
+    table = claims_table(records, bits=(16, 32))
+    row = next(line for line in table.splitlines() if line.startswith("| Hyperbolic - Euclidean, Full"))
+    assert row == "| Hyperbolic - Euclidean, Full | - | +2.00 ± 1.41 (2) |"
+    assert "Vanilla" not in table  # rows without any pair are left out
+    assert claims_table([_rec("pq", 32, 0.5, seed=1)]) is None
 
 
 def test_table_ties_are_all_bold_and_rows_can_be_chosen():
