@@ -425,6 +425,17 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert _is_png(folder / "training-16bits.png")
     assert _is_png(folder / "poincare-hihpq-16-2021.png")
 
+    # `hihpq report` rewrites the table from the records alone (here: one record dropped), keeping the title.
+    title = (folder / "table.md").read_text().splitlines()[0]
+    out.write_text(json.dumps(records[:1]))
+    (folder / "table.md").unlink()
+    (folder / "table.md").write_text(f"{title}\n")
+    assert main(["report", str(out)]) == 0
+    table = (folder / "table.md").read_text()
+    assert table.splitlines()[0] == title and "| HiHPQ |" in table and "| ITQ |" not in table
+    assert main(["report", str(tmp_path / "missing.json")]) == 2
+    assert "no results file" in capsys.readouterr().err
+
 
 def test_bench_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     from hihpq.cli import main

@@ -1,4 +1,4 @@
-"""Command line: ``hihpq train | evaluate | encode | search | index info | configs | demo | bench``.
+"""Command line: ``hihpq train | evaluate | encode | search | index info | configs | demo | bench | report``.
 
 Every command that produces results writes ``run.json`` (config, seed, versions, git commit) beside them.
 """
@@ -175,6 +175,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from hihpq.benchmark import write_grid_report
+
+    out = Path(args.results)
+    if not out.is_file():
+        raise FileNotFoundError(f"no results file {out} (the records written by `hihpq bench --out`)")
+    table = out.with_suffix("") / "table.md"
+    title = args.title
+    if title is None and table.is_file():  # keep the protocol summary of the last bench run
+        first = table.read_text().splitlines()[:1]
+        title = first[0].lstrip("# ").strip() if first and first[0].startswith("# ") else None
+    paths = write_grid_report(out, title=title)
+    print(f"{table.read_text()}\nwrote {', '.join(p.name for p in paths)} in {table.parent}/")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hihpq", description=__doc__.split("\n")[0])
@@ -253,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_override_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="rewrite table.md and the plots of a results file (no training)")
+    p.add_argument("results", help="records file written by hihpq bench, e.g. bench/results/cifar10_ii_lite0.json")
+    p.add_argument("--title", help="heading of table.md (default: the current one)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
