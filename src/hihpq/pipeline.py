@@ -180,7 +180,7 @@ def save_retrieval(path, model: HiHPQ, q_emb, db_emb, ranked, split, topk: int, 
             "geometry": np.array(q.geometry),
             "query_labels": np.asarray(split.query_labels),
             "database_labels": np.asarray(split.database_labels),
-            "ranked": np.asarray(ranked, dtype=np.int64),
+            "ranked": np.asarray(ranked, dtype=np.int32 if len(codes) < 2**31 else np.int64),
             "topk": np.array(topk),
             "map": np.array(map_value),
         }
