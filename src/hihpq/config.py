@@ -69,7 +69,7 @@ class QuantizerConfig:
     tau: float = 0.2  # soft-assignment temperature (divides; the authors' softmax_temp is 1 / tau)
     curvature: float = 1.0
     # Fixed by default, unlike the paper: with the hierarchy losses a learned curvature climbs from 1 to ~7 and the
-    # full model swings with the seed (CIFAR-10 II, 32 bits: 47.5 +- 2.7 learned vs 49.6 +- 0.5 fixed, README).
+    # full model swings with the seed (CIFAR-10 II, 32 bits: 47.5 +- 2.7 learned vs 50.0 +- 0.5 fixed, README).
     learn_curvature: bool = False
     curvature_min: float = 0.01
     curvature_max: float = 10.0
