@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
@@ -19,3 +20,23 @@ def write_colour_folder(root: Path, per_class: int = 30) -> Path:
             (root / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(root / name / f"{k:03d}.png")
     return root
+
+
+def write_tiny_config(path: Path, images: Path, cache: Path, name: str, **sections: dict) -> Path:
+    """YAML config of a run small enough for a test on a colour folder: 8-bit codes (M = 2, K = 16), 32-px backbone
+    input, a 2-level hierarchy after one epoch; ``sections`` ({"train": {...}, ...}) add to or override it."""
+    cfg: dict = {
+        "base": "cifar10-ii-16",
+        "name": name,
+        "data": {"dataset": "folder", "root": str(images)},
+        "backbone": {"resolution": 32},
+        "features": {"batch_size": 32, "num_workers": 0, "cache_dir": str(cache)},
+        "quantizer": {"bits": 8, "n_codewords": 16, "feature_dim": 8},
+        "projector": {"hidden": 64},
+        "hierarchy": {"levels": [6, 3], "warmup_epochs": 1},
+        "eval": {"topk": 20},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(cfg))
+    return path

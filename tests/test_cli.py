@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import write_colour_folder
+from helpers import write_colour_folder, write_tiny_config
 from hihpq.cli import main
 from hihpq.metrics import map_at_k
 
@@ -16,20 +16,14 @@ from hihpq.metrics import map_at_k
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     images = write_colour_folder(tmp / "images", per_class=30)
-    config = tmp / "tiny.yaml"
-    config.write_text(
-        f"""
-base: cifar10-ii-16
-name: tiny
-data: {{dataset: folder, root: {images}, n_query: 15, n_train: 75}}
-backbone: {{resolution: 32}}
-features: {{n_views: 2, batch_size: 32, num_workers: 0, cache_dir: {tmp / "cache"}}}
-quantizer: {{bits: 8, n_codewords: 16, feature_dim: 8}}
-projector: {{hidden: 64}}
-hierarchy: {{levels: [6, 3], warmup_epochs: 1}}
-train: {{epochs: 6, batch_size: 32}}
-eval: {{topk: 20}}
-"""
+    config = write_tiny_config(
+        tmp / "tiny.yaml",
+        images,
+        tmp / "cache",
+        "tiny",
+        data={"n_query": 15, "n_train": 75},
+        features={"n_views": 2},
+        train={"epochs": 6, "batch_size": 32},
     )
     run = tmp / "run"
     assert main(["train", str(config), "--out", str(run)]) == 0

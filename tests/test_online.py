@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import write_colour_folder
+from helpers import write_colour_folder, write_tiny_config
 from hihpq import pipeline as P
 from hihpq.cli import main
 from hihpq.config import load_config
@@ -21,20 +21,14 @@ from hihpq.train import ImageViews, Trainer
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("online")
     images = write_colour_folder(tmp / "images", per_class=20)
-    config = tmp / "tiny.yaml"
-    config.write_text(
-        f"""
-base: cifar10-ii-16
-name: tiny-online
-data: {{dataset: folder, root: {images}, n_query: 12, n_train: 48}}
-backbone: {{resolution: 32, trainable: true}}
-features: {{batch_size: 32, num_workers: 0, cache_dir: {tmp / "cache"}}}
-quantizer: {{bits: 8, n_codewords: 16, feature_dim: 8}}
-projector: {{hidden: 64}}
-hierarchy: {{levels: [6, 3], warmup_epochs: 1}}
-train: {{epochs: 3, batch_size: 16, lr: 0.005}}
-eval: {{topk: 20}}
-"""
+    config = write_tiny_config(
+        tmp / "tiny.yaml",
+        images,
+        tmp / "cache",
+        "tiny-online",
+        data={"n_query": 12, "n_train": 48},
+        backbone={"trainable": True},
+        train={"epochs": 3, "batch_size": 16, "lr": 0.005},
     )
     return tmp, images, config
 

@@ -95,13 +95,13 @@ def cmd_evaluate(args) -> int:
     model, cfg, _ = P.load_model(args.model)
     split, q_emb, db_emb = P.protocol_embeddings(model, cfg, args.data)
     topk = args.topk or cfg.eval.topk
-    ranked, info = P.rank_embedded(model, q_emb, db_emb, topk, args.metric or cfg.eval.metric)
+    ranked, info, index = P.rank_embedded(model, q_emb, db_emb, topk, args.metric or cfg.eval.metric)
     scores = {**P.retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
     print(f"{split.summary()}\nmAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
     out = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     write_json(out / "eval.json", run_record(cfg.to_dict(), cfg.seed, eval=scores))
     if args.save_codes:
-        P.save_retrieval(args.save_codes, model, q_emb, db_emb, ranked, split, topk, scores[f"map_at_{topk}"])
+        P.save_retrieval(args.save_codes, index, q_emb, ranked, split, topk, scores[f"map_at_{topk}"])
         print(f"codes, query embeddings, codebooks and rankings in {args.save_codes}")
     return 0
 

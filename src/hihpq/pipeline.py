@@ -158,32 +158,30 @@ def build_index(model: HiHPQ, db_embeddings: np.ndarray, ids: np.ndarray | None 
     return index
 
 
-def save_retrieval(path, model: HiHPQ, q_emb, db_emb, ranked, split, topk: int, map_value: float) -> None:
+def save_retrieval(path, index, q_emb, ranked, split, topk: int, map_value: float) -> None:
     """Write what a search used and produced as one .npz (atomically), for an independent check of the figures.
 
-    Arrays: ``codes`` (n_db, M) uint8, ``queries`` (n_q, M, D) and ``codewords`` (M, K, D) as points of the
-    Lorentz model (time coordinate first, <x, x>_L = -1/c_m), ``curvature`` (M,) c_m, ``query_labels`` /
-    ``database_labels``, ``ranked`` (n_q, topk) database rows, ``topk`` and ``map`` (the reported mAP@topk).
-    The ADC distance is sum_m arcosh(-c_m <q_m, w_m,code>_L) / sqrt(c_m) (``geometry`` "euclidean": sum_m
-    ||q_m - w_m,code||); ties rank the lower row first.
+    ``index`` is the one that was searched (:func:`rank_embedded` returns it): its codes, codebooks and curvatures
+    are saved as they are. Arrays: ``codes`` (n_db, M) uint8, ``queries`` (n_q, M, D) and ``codewords``
+    (M, K, D) as points of the Lorentz model (time coordinate first, <x, x>_L = -1/c_m), ``curvature`` (M,) c_m,
+    ``query_labels`` / ``database_labels``, ``ranked`` (n_q, topk) database rows, ``topk`` and ``map`` (the
+    reported mAP@topk). The ADC distance is sum_m arcosh(-c_m <q_m, w_m,code>_L) / sqrt(c_m) (``geometry``
+    "euclidean": sum_m ||q_m - w_m,code||); ties rank the lower row first.
     """
     from hihpq.runinfo import atomic_path
 
-    q = model.quantizer
-    with torch.no_grad():
-        codes = q.encode(torch.from_numpy(np.asarray(db_emb))).cpu().numpy().astype(np.uint8)
-        arrays = {
-            "codes": codes,
-            "queries": np.asarray(q_emb, dtype=np.float32),
-            "codewords": q.codebooks().detach().cpu().numpy().astype(np.float32),
-            "curvature": q.curvature.detach().cpu().numpy().astype(np.float32),
-            "geometry": np.array(q.geometry),
-            "query_labels": np.asarray(split.query_labels),
-            "database_labels": np.asarray(split.database_labels),
-            "ranked": np.asarray(ranked, dtype=np.int32 if len(codes) < 2**31 else np.int64),
-            "topk": np.array(topk),
-            "map": np.array(map_value),
-        }
+    arrays = {
+        "codes": index.codes,
+        "queries": np.asarray(q_emb, dtype=np.float32),
+        "codewords": index.codebooks,
+        "curvature": index.curvatures,
+        "geometry": np.array(index.geometry),
+        "query_labels": np.asarray(split.query_labels),
+        "database_labels": np.asarray(split.database_labels),
+        "ranked": np.asarray(ranked, dtype=np.int32 if index.ntotal < 2**31 else np.int64),
+        "topk": np.array(topk),
+        "map": np.array(map_value),
+    }
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
 
@@ -204,17 +202,19 @@ def rank_database(model: HiHPQ, query_feats, db_feats, topk: int, metric: str = 
     """Encode the database, search the queries (ADC or SDC): (ranked ids (n_q, topk), timings)."""
     t0 = time.perf_counter()
     q_emb, db_emb = embed(model, query_feats), embed(model, db_feats)
-    return rank_embedded(model, q_emb, db_emb, topk, metric, t0)
+    ranked, info, _ = rank_embedded(model, q_emb, db_emb, topk, metric, t0)
+    return ranked, info
 
 
 def rank_embedded(model: HiHPQ, q_emb, db_emb, topk: int, metric: str = "adc", t0: float | None = None):
-    """:func:`rank_database` on embeddings already computed (``t0``: when encoding started, for timings)."""
+    """:func:`rank_database` on embeddings already computed (``t0``: when encoding started, for timings); also
+    returns the index that was searched."""
     t0 = time.perf_counter() if t0 is None else t0
     index = build_index(model, db_emb, metric=metric)
     t1 = time.perf_counter()
     _, ranked = index.search(q_emb, topk)
     info = {"encode_s": t1 - t0, "search_s": time.perf_counter() - t1, "n_query": len(q_emb), "n_db": len(db_emb)}
-    return ranked, info
+    return ranked, info, index
 
 
 def evaluate_model(model: HiHPQ, query_feats, db_feats, query_labels, db_labels, topk: int, metric: str = "adc"):
@@ -432,7 +432,7 @@ def evaluate_online(model: HiHPQ, split, cfg: Config, topk: int, metric: str = "
     """Retrieval figures of an end-to-end trained model (queries and database through its backbone)."""
     t0 = time.perf_counter()
     q_emb, db_emb = embed_split(model, split, cfg)
-    ranked, info = rank_embedded(model, q_emb, db_emb, topk, metric, t0)
+    ranked, info, _ = rank_embedded(model, q_emb, db_emb, topk, metric, t0)
     return {**retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
 
 

@@ -324,26 +324,40 @@ def _check_curves(curves: Mapping[str, Any]) -> None:
         raise ValueError("curves must be a non-empty dict {label: curve}")
 
 
+def _plot_curves(curves, path, xy, *, xlabel: str, ylabel: str, title: str, log_x: bool = False) -> Path:
+    """One line per {label: curve}: ``xy(label, curve)`` gives the checked (x, y in [0, 1]) arrays."""
+    _check_curves(curves)
+    fig = _figure((6, 4.5))
+    ax = fig.add_subplot()
+    for (label, curve), colour in zip(curves.items(), _colours(len(curves)), strict=True):
+        x, y = xy(label, curve)
+        ax.plot(x, 100 * y, marker=".", ms=3, color=colour, label=str(label))
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_pr_curves(curves: Mapping[str, Any], path: str | Path, *, title: str | None = None) -> Path:
     """Precision-recall curves by rank.
 
     curves: {label: PRCurve-like}, each with 1-D ``precision`` and ``recall`` of equal length (a
     :class:`hihpq.metrics.PRCurve`, or a dict with those keys, e.g. read back from a details JSON).
     """
-    _check_curves(curves)
-    fig = _figure((6, 4.5))
-    ax = fig.add_subplot()
-    for (label, curve), colour in zip(curves.items(), _colours(len(curves)), strict=True):
+
+    def xy(label, curve):
         p, r = _field(curve, "precision"), _field(curve, "recall")
         if p.shape != r.shape:
             raise ValueError(f"curve {label!r}: precision {p.shape} and recall {r.shape} differ in length")
-        ax.plot(r, 100 * p, marker=".", ms=3, color=colour, label=str(label))
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision (%)")
-    ax.set_title(title or "precision-recall by rank")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+        return r, p
+
+    return _plot_curves(
+        curves, path, xy, xlabel="recall", ylabel="precision (%)", title=title or "precision-recall by rank"
+    )
 
 
 def plot_precision_at_k(curves: Mapping[str, Any], path: str | Path, *, title: str | None = None) -> Path:
@@ -351,23 +365,24 @@ def plot_precision_at_k(curves: Mapping[str, Any], path: str | Path, *, title: s
 
     curves: {label: curve} with 1-D ``ks`` (or ``k``) and ``precision`` of equal length (PRCurve-like).
     """
-    _check_curves(curves)
-    fig = _figure((6, 4.5))
-    ax = fig.add_subplot()
-    for (label, curve), colour in zip(curves.items(), _colours(len(curves)), strict=True):
+
+    def xy(label, curve):
         ks, p = _field(curve, "ks", "k"), _field(curve, "precision")
         if p.shape != ks.shape:
             raise ValueError(f"curve {label!r}: ks {ks.shape} and precision {p.shape} differ in length")
         if ks.min() < 1:
             raise ValueError(f"curve {label!r}: every K must be >= 1, got {ks.min()}")
-        ax.plot(ks, 100 * p, marker=".", ms=3, color=colour, label=str(label))
-    ax.set_xscale("log")
-    ax.set_xlabel("K (retrieved items)")
-    ax.set_ylabel("precision@K (%)")
-    ax.set_title(title or "precision@K")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+        return ks, p
+
+    return _plot_curves(
+        curves,
+        path,
+        xy,
+        xlabel="K (retrieved items)",
+        ylabel="precision@K (%)",
+        title=title or "precision@K",
+        log_x=True,
+    )
 
 
 def plot_training(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:

@@ -20,7 +20,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from hihpq.hierarchy import HierarchicalClustering
@@ -426,24 +425,26 @@ class Trainer:
 
 def _param_groups(model: HiHPQ, s: TrainSettings) -> list[dict]:
     """SGD groups: decayed weights, undecayed quantizer parameters, the curvature and a trainable backbone, the last
-    two with their own step scale (``lr_scale``, applied by the schedule)."""
+    two with their own step scale (``lr_scale``, applied by the schedule); empty groups are left out."""
     q = model.quantizer
-    curvature = {id(q.curvature_raw)} if isinstance(q.curvature_raw, nn.Parameter) else set()
-    no_decay = {id(p) for p in q.no_weight_decay_parameters()} - curvature
+    no_decay = {id(p) for p in q.no_weight_decay_parameters()}
     backbone = {id(p) for p in model.backbone.parameters()} if model.backbone is not None else set()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def pick(ids: set[int] | None) -> list[nn.Parameter]:
-        taken = curvature | no_decay | backbone
-        return [p for p in params if (id(p) in ids if ids is not None else id(p) not in taken)]
-
-    groups = [
-        {"params": pick(None), "weight_decay": s.weight_decay},
-        {"params": pick(no_decay), "weight_decay": 0.0},
-        {"params": pick(curvature), "weight_decay": 0.0, "lr_scale": s.curvature_lr_scale},
-        {"params": pick(backbone), "weight_decay": s.weight_decay, "lr_scale": s.backbone_lr_scale},
-    ]
-    return [g for g in groups if g["params"]]
+    groups = {
+        "weights": {"params": [], "weight_decay": s.weight_decay},
+        "no_decay": {"params": [], "weight_decay": 0.0},
+        "curvature": {"params": [], "weight_decay": 0.0, "lr_scale": s.curvature_lr_scale},
+        "backbone": {"params": [], "weight_decay": s.weight_decay, "lr_scale": s.backbone_lr_scale},
+    }
+    for p in model.parameters():
+        if p.requires_grad:
+            kind = (
+                "curvature" if p is q.curvature_raw
+                else "backbone" if id(p) in backbone
+                else "no_decay" if id(p) in no_decay
+                else "weights"
+            )  # fmt: skip
+            groups[kind]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
