@@ -47,7 +47,7 @@ def test_overrides_apply_with_yaml_types():
         ("quantizer.n_codewords=100", "power of two"),
         ("quantizer.curvature=20", "outside"),
         ("hierarchy.levels=[25, 50]", "coarsest last"),
-        ("train.lr=0", "train.lr must be > 0"),
+        ("train.lr=0", r"train.lr must be a number in \(0, inf\)"),
         ("features.n_views=1", "n_views"),
         ("data.protocol=III", "protocol"),
     ],
