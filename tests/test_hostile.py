@@ -66,3 +66,17 @@ def test_every_config_field_has_a_declared_type_and_range():
     extended = dataclasses.make_dataclass("X", [("new_knob", int, dataclasses.field(default=1))], bases=(Config,))
     with pytest.raises(ConfigError, match="new_knob has no declared type"):
         extended().validate()
+
+
+# ------------------------------------------------------------------------------------------ 13: NaN embeddings
+def test_build_index_refuses_nan_embeddings():
+    from hihpq.pipeline import build_index, build_model
+
+    cfg = load_config("cifar10-ii-16", ["quantizer.bits=8", "quantizer.n_codewords=16", "quantizer.feature_dim=8"])
+    model = build_model(cfg, in_dim=12)
+    emb = model.embed(torch.randn(5, 12)).detach().numpy()
+    emb[3, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf in 1 of 5 rows"):
+        build_index(model, emb)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.quantizer.encode(torch.from_numpy(emb))
