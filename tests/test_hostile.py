@@ -80,3 +80,92 @@ def test_build_index_refuses_nan_embeddings():
         build_index(model, emb)
     with pytest.raises(ValueError, match="NaN or inf"):
         model.quantizer.encode(torch.from_numpy(emb))
+
+
+# ---------------------------------------------------------------------------------- 2, 12: write targets
+def _tiny_index():
+    from hihpq.index import HyperbolicPQIndex
+
+    rng = np.random.default_rng(0)
+    index = HyperbolicPQIndex(rng.normal(size=(2, 4, 3)).astype(np.float32), geometry="euclidean")
+    index.add_codes(rng.integers(0, 4, size=(5, 2)))
+    return index
+
+
+def test_index_writer_refuses_fifo_folder_and_foreign_files(tmp_path):
+    from hihpq.atomic import TargetRefused
+    from hihpq.index import read_index, write_index
+
+    fifo = tmp_path / "out.hpq"
+    os.mkfifo(fifo)
+    with pytest.raises(TargetRefused, match="FIFO"):
+        write_index(_tiny_index(), fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with pytest.raises(TargetRefused, match="is a folder"):
+        write_index(_tiny_index(), tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my thesis")
+    with pytest.raises(TargetRefused, match="not a hihpq index file.*--force"):
+        write_index(_tiny_index(), notes)
+    assert notes.read_text() == "my thesis"
+    write_index(_tiny_index(), notes, force=True)
+    write_index(_tiny_index(), notes)  # an index may replace an index
+    assert read_index(notes).ntotal == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out.hpq"]  # no temporary left
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mknod needs root")
+def test_index_writer_refuses_a_device_node(tmp_path):
+    from hihpq.atomic import TargetRefused
+    from hihpq.index import write_index
+
+    dev = tmp_path / "null"
+    os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a copy of /dev/null
+    with pytest.raises(TargetRefused, match="character device"):
+        write_index(_tiny_index(), dev)
+    assert stat.S_ISCHR(os.stat(dev).st_mode)
+
+
+def test_missing_output_folder_is_named(tmp_path):
+    from hihpq.index import write_index
+
+    with pytest.raises(FileNotFoundError, match=f"folder {tmp_path / 'nope'} does not exist") as err:
+        write_index(_tiny_index(), tmp_path / "nope" / "x.hpq")
+    assert "tmp" not in str(err.value).replace(str(tmp_path), "")
+
+
+def test_model_and_json_writers_refuse_other_kinds_of_file(tmp_path):
+    from hihpq.atomic import TargetRefused, atomic_path
+    from hihpq.runinfo import write_json
+
+    for name in ("model.pt", "run.json", "codes.npz"):
+        target = tmp_path / name
+        target.write_text("not yours")
+        with pytest.raises(TargetRefused, match="refusing to overwrite"), atomic_path(target) as tmp:
+            tmp.write_text("x")
+        assert target.read_text() == "not yours"
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    write_json(tmp_path / "ok.json", {"a": 2})
+    assert (tmp_path / "ok.json").read_text().strip().startswith("{")
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_umask_respected(tmp_path):
+    import subprocess
+
+    from hihpq.index import write_index
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "big.hpq"
+    stale = tmp_path / f".big.hpq.hihpq-tmp-{dead.pid}.0123abcd"
+    live = tmp_path / f".big.hpq.hihpq-tmp-{os.getpid()}.0123abcd"  # a writer still running: left alone
+    other = tmp_path / ".other.hpq.hihpq-tmp-1.0123abcd"
+    for p in (stale, live, other):
+        p.write_bytes(b"\0" * 100)
+    old = os.umask(0o027)
+    try:
+        write_index(_tiny_index(), target)
+    finally:
+        os.umask(old)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640

@@ -108,8 +108,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_encode(args) -> int:
     from hihpq import pipeline as P
+    from hihpq.atomic import check_output
     from hihpq.index import write_index
+    from hihpq.index.io import is_index_file
 
+    check_output(args.out, looks_like=is_index_file, what="hihpq index file", force=args.force)  # before any work
     model, cfg, _ = P.load_model(args.model)
     if args.images:
         paths = P.list_images(args.images)
@@ -119,7 +122,8 @@ def cmd_encode(args) -> int:
         split, _, emb = P.protocol_embeddings(model, cfg, args.data)
         names = [split.dataset.describe(int(i)) for i in split.database]
     index = P.build_index(model, emb, metric=args.metric)
-    write_index(index, args.out, item_names=names, metadata={"model": str(Path(args.model).resolve())})
+    meta = {"model": str(Path(args.model).resolve())}
+    write_index(index, args.out, item_names=names, metadata=meta, force=args.force)
     print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
     return 0
 
@@ -226,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="an image folder to encode (default: the protocol's database)")
     p.add_argument("--data")
     p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
+    p.add_argument("--force", action="store_true", help="overwrite --out even when it is not an index file")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("search", help="search an index with query images")
