@@ -169,3 +169,84 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_umask_respected(tmp_p
         os.umask(old)
     assert not stale.exists() and live.exists() and other.exists()
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+
+
+# ------------------------------------------------------------------------------------ 5, 6, 10: image files
+def test_16_bit_png_and_float_tiff_are_scaled_not_clipped(tmp_path):
+    from hihpq.data import ImageDataset
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "float.tif")
+    ds = ImageDataset([tmp_path / "deep.png", tmp_path / "float.tif"])
+    for i in range(2):
+        a = np.asarray(ds.load(i))
+        assert a.shape == (64, 64, 3) and a.min() <= 2 and a.max() >= 253, (i, a.min(), a.max())
+        assert abs(float(a.mean()) - 127.5) < 3  # the ramp, not a near-constant image
+
+
+def test_symlink_loops_and_linked_copies_do_not_multiply_a_dataset(tmp_path):
+    from hihpq.data import ImageFolderDataset
+    from hihpq.pipeline import list_images
+
+    root = write_colour_folder(tmp_path / "images", per_class=3)
+    (root / "red" / "loop").symlink_to(root / "red", target_is_directory=True)
+    (root / "red" / "up").symlink_to(root, target_is_directory=True)
+    (root / "red" / "again.png").symlink_to(root / "red" / "000.png")
+    (root / "blue" / "reds").symlink_to(root / "red", target_is_directory=True)
+    ds = ImageFolderDataset(root)
+    assert len(ds) == 9, ds.paths
+    assert list(ds.labels).count(2) == 3  # "red" (class 2) keeps its own 3 files; blue/reds adds nothing new
+    assert len(list_images(root)) == 9
+
+
+def _in_thread(fn, timeout=20.0):
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 -- handed to the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "hung"
+    return out
+
+
+def test_fifo_named_like_an_image_is_never_opened(tmp_path):
+    from hihpq.data.folders import ImageDataset, ImageFolderDataset, UnreadableImageError
+
+    root = write_colour_folder(tmp_path / "images", per_class=2)
+    os.mkfifo(root / "red" / "x.png")
+    out = _in_thread(lambda: ImageDataset([root / "red" / "x.png"])[0])
+    assert "error" not in out and out["value"][2] is False  # placeholder flagged unreadable, no hang
+    out = _in_thread(lambda: ImageDataset([root / "red" / "x.png"]).load(0))
+    assert isinstance(out["error"], UnreadableImageError) and "not a regular file" in str(out["error"])
+    assert len(ImageFolderDataset(root)) == 6  # left out of the listing
+
+
+@pytest.mark.parametrize("size", [(30000, 1), (1, 5000)])
+def test_extreme_aspect_ratios_are_refused_before_decoding(tmp_path, size):
+    from hihpq.data.folders import ImageDataset, UnreadableImageError
+
+    Image.new("RGB", size, (10, 20, 30)).save(tmp_path / "strip.png")
+    with pytest.raises(UnreadableImageError, match="beyond the bounds"):
+        ImageDataset([tmp_path / "strip.png"]).load(0)
+
+
+def test_non_utf8_file_names_are_read_and_named(tmp_path):
+    from hihpq.data import ImageFolderDataset
+
+    root = write_colour_folder(tmp_path / "images", per_class=2)
+    raw = os.path.join(os.fsencode(root / "red"), b"caf\xe9.png")
+    with open(raw, "wb") as fh:
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(fh, format="PNG")
+    ds = ImageFolderDataset(root)
+    i = next(i for i, p in enumerate(ds.paths) if "caf" in p)
+    assert ds.identity()["n"] == 7 and ds[i][2]
+    assert "caf\\xe9.png" in ds.describe(i)

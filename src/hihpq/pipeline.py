@@ -444,14 +444,14 @@ def _head(model: HiHPQ) -> HiHPQ:
 # ------------------------------------------------------------------------------------------- loose images
 def list_images(path: str | Path) -> list[Path]:
     """One image file, or every image file below a folder (sorted)."""
-    from hihpq.data.folders import IMAGE_EXTENSIONS
+    from hihpq.data.folders import IMAGE_EXTENSIONS, walk_image_files
 
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither an image file nor a folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = walk_image_files(path)  # issue 13: links followed once per real file, FIFOs left out
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     return files
