@@ -105,7 +105,7 @@ def test_index_writer_refuses_fifo_folder_and_foreign_files(tmp_path):
         write_index(_tiny_index(), tmp_path)
     notes = tmp_path / "notes.txt"
     notes.write_text("my thesis")
-    with pytest.raises(TargetRefused, match="not a hihpq index file.*--force"):
+    with pytest.raises(TargetRefused, match=r"not a hihpq index file.*--force"):
         write_index(_tiny_index(), notes)
     assert notes.read_text() == "my thesis"
     write_index(_tiny_index(), notes, force=True)
@@ -208,7 +208,7 @@ def _in_thread(fn, timeout=20.0):
     def run():
         try:
             out["value"] = fn()
-        except Exception as exc:  # noqa: BLE001 -- handed to the test
+        except Exception as exc:
             out["error"] = exc
 
     t = threading.Thread(target=run, daemon=True)
@@ -250,3 +250,189 @@ def test_non_utf8_file_names_are_read_and_named(tmp_path):
     i = next(i for i, p in enumerate(ds.paths) if "caf" in p)
     assert ds.identity()["n"] == 7 and ds[i][2]
     assert "caf\\xe9.png" in ds.describe(i)
+
+
+# ---------------------------------------------------------------------- through the command line (4, 8-11)
+def _hostile_folder(root):
+    """A colour folder with what a real photo folder holds too: corrupt files, a non-UTF-8 name, a FIFO, a loop."""
+    write_colour_folder(root, per_class=20)
+    (root / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (root / "green" / "empty.jpg").write_bytes(b"")
+    with open(os.path.join(os.fsencode(root / "blue"), b"bl\xe9u.png"), "wb") as fh:
+        Image.new("RGB", (32, 32), (40, 60, 200)).save(fh, format="PNG")
+    os.mkfifo(root / "blue" / "pipe.png")
+    (root / "blue" / "loop").symlink_to(root / "blue", target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    images = _hostile_folder(tmp / "images")
+    config = write_tiny_config(
+        tmp / "tiny.yaml",
+        images,
+        tmp / "cache",
+        "tiny",
+        data={"n_query": 12, "n_train": 40},
+        features={"n_views": 2},
+        train={"epochs": 2, "batch_size": 16},
+    )
+    run = tmp / "run"
+    assert main(["train", str(config), "--out", str(run)]) == 0
+    return tmp, images, config, run
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_unreadable_images_leave_every_set_and_are_counted(hostile_run):
+    # 4: 63 files listed (60 + 2 corrupt + the non-UTF-8 one; the FIFO and the loop add nothing)
+    import json
+
+    from hihpq.pipeline import prepare_features
+
+    _, _, config, run = hostile_run
+    record = json.loads((run / "run.json").read_text())
+    assert record["skipped_images"] == 2
+    cfg = load_config(str(config))
+    prep = prepare_features(cfg, progress=False)
+    split = prep.split
+    assert len(split.dataset) == 63
+    bad = {i for i in range(63) if split.dataset.describe(i).endswith(("broken.png", "empty.jpg"))}
+    assert len(bad) == 2 and not bad & set(split.query) | bad & set(split.database)
+    assert len(split.query) + len(split.database) == 61 and split.params["excluded"] == 2
+    assert prep.queries.shape[0] == len(split.query) and prep.train_valid.sum() <= 40
+
+
+def test_finished_run_is_not_overwritten_and_resume_must_match(hostile_run, capsys):
+    tmp, _, config, run = hostile_run
+    saved = (run / "config.yaml").read_bytes()
+    model = (run / "model.pt").read_bytes()
+    assert main(["train", str(config), "--out", str(run)]) == 2
+    assert "already holds a finished run (model.pt)" in _err(capsys) and (run / "model.pt").read_bytes() == model
+    assert main(["train", str(config), "--out", str(run), "--resume", "-o", "seed=7", "-o", "train.lr=0.5"]) == 2
+    err = _err(capsys)
+    assert "seed: 2021 in the run, 7 now" in err and "train.lr: 0.01 in the run, 0.5 now" in err
+    assert (run / "config.yaml").read_bytes() == saved
+    assert main(["train", str(config), "--out", str(tmp / "fresh"), "--resume"]) == 2
+    assert "no checkpoint" in _err(capsys)
+
+
+def test_sizes_are_checked_before_feature_extraction(hostile_run, tmp_path, capsys):
+    _, images, _, _ = hostile_run
+    cache = tmp_path / "cache"
+    cfg = write_tiny_config(tmp_path / "c.yaml", images, cache, "c", data={"n_query": 12, "n_train": 40})
+    assert main(["train", str(cfg), "--out", str(tmp_path / "a"), "-o", "hierarchy.levels=[50, 3]"]) == 2
+    assert "hierarchy.levels [50, 3] asks for more clusters than the 40 training images" in _err(capsys)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "b"), "-o", "data.n_query=63", "-o", "data.n_train=1"]) == 2
+    assert "n_query=63 queries leave no database image among the 63 images" in _err(capsys)
+    assert not cache.exists()  # nothing was extracted
+
+
+def test_training_set_all_unreadable_is_a_clear_error(tmp_path, capsys):
+    for cls in ("a", "b"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for k in range(6):
+            (tmp_path / "img" / cls / f"{k}.png").write_bytes(b"not an image")
+    cfg = write_tiny_config(
+        tmp_path / "c.yaml", tmp_path / "img", tmp_path / "cache", "c", data={"n_query": 2}, hierarchy={"levels": [2]}
+    )
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "the training set holds 0 usable image(s)" in _err(capsys)
+
+
+def test_bad_k_and_topk_are_refused_at_parse_time(capsys):
+    for argv in (["search", "x.hpq", "--query", "q.png", "-k", "0"], ["evaluate", "run", "--topk", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and "expected a positive integer" in _err(capsys)
+
+
+def test_encode_targets_are_checked_before_any_work(tmp_path, capsys):
+    fifo = tmp_path / "fifo.hpq"
+    os.mkfifo(fifo)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    cases = {
+        str(tmp_path / "missing" / "x.hpq"): f"folder {tmp_path / 'missing'} does not exist",
+        str(fifo): "FIFO (named pipe), not a regular file",
+        str(tmp_path): "is a folder",
+        str(notes): "not a hihpq index file; refusing to overwrite it (pass --force",
+    }
+    for out, message in cases.items():  # the model does not exist either: the target is checked first
+        assert main(["encode", str(tmp_path / "no-model"), "--images", str(tmp_path), "--out", out]) == 2
+        assert message in _err(capsys), out
+    assert notes.read_text() == "keep me"
+
+
+def test_search_and_info_say_what_a_non_index_is(tmp_path, capsys):
+    for target, what in ((tmp_path, "a folder, not an index file"), ("/dev/null", "a character device, not an index")):
+        assert main(["search", str(target), "--query", str(tmp_path)]) == 2
+        assert what in _err(capsys)
+        assert main(["index", "info", str(target)]) == 2
+        assert what in _err(capsys)
+
+
+def test_encode_search_verify_with_hostile_files(hostile_run, capsys):
+    tmp, images, _, run = hostile_run
+    index = tmp / "all.hpq"
+    good = tmp / "good"
+    for cls in ("red", "blue"):
+        (good / cls).mkdir(parents=True)
+        for k in range(4):
+            (good / cls / f"{k}.png").symlink_to(images / cls / f"{k:03d}.png")
+    raw = b"bl\xe9u.png"
+    os.link(os.path.join(os.fsencode(images / "blue"), raw), os.path.join(os.fsencode(good / "blue"), raw))
+    (good / "blue" / "again").symlink_to(good / "blue", target_is_directory=True)
+    assert main(["encode", str(run), "--images", str(good), "--out", str(index)]) == 0
+    assert "wrote 9 codes" in capsys.readouterr().out
+    # a query folder with one bad image: skipped and reported, the others searched
+    queries = tmp / "queries"
+    queries.mkdir()
+    (queries / "bad.png").write_bytes(b"junk")
+    Image.open(images / "red" / "000.png").save(queries / "red.png")
+    assert main(["search", str(index), "--query", str(queries), "-k", "3"]) == 0
+    cap = capsys.readouterr()
+    assert "skipped 1 unreadable query image(s)" in cap.err and "bad.png" in cap.err
+    assert "query " in cap.out and "red.png" in cap.out and "Traceback" not in cap.err
+    assert main(["index", "info", "--verify", str(index)]) == 0
+    data = bytearray(index.read_bytes())
+    data[-1] ^= 0xFF
+    index.write_bytes(bytes(data))
+    assert main(["index", "info", "--verify", str(index)]) == 2
+    assert "checksum mismatch" in _err(capsys)
+
+
+def test_escaping_exceptions_become_messages(hostile_run, tmp_path, monkeypatch, capsys):
+    import hihpq.train as T
+
+    _, _, config, run = hostile_run
+    payload = torch.load(run / "model.pt", weights_only=True)
+    payload["in_dim"] += 3  # a projector of another shape than the saved weights
+    (tmp_path / "bad").mkdir()
+    torch.save(payload, tmp_path / "bad" / "model.pt")
+    assert main(["evaluate", str(tmp_path / "bad")]) == 2
+    assert "does not fit the model its config builds" in _err(capsys)
+
+    def diverge(self, *a, **k):
+        raise T.TrainingDiverged("the loss is NaN at epoch 1. Lower train.lr")
+
+    monkeypatch.setattr(T.Trainer, "fit", diverge)
+    assert main(["train", str(config), "--out", str(tmp_path / "d")]) == 2
+    assert "the loss is NaN at epoch 1" in _err(capsys)
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "e" / "log.csv"))
+
+    monkeypatch.setattr(T.Trainer, "fit", denied)
+    assert main(["train", str(config), "--out", str(tmp_path / "e")]) == 2
+    assert f"permission denied: {tmp_path / 'e' / 'log.csv'}" in _err(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_refused_up_front(hostile_run, tmp_path, capsys):
+    _, _, config, _ = hostile_run
+    assert main(["train", str(config), "--out", str(tmp_path / "c"), "--device", "cuda"]) == 2
+    assert "no CUDA device is available here; use --device cpu" in _err(capsys)

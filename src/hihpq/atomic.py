@@ -73,7 +73,7 @@ def check_target(
     if stat.S_ISDIR(st.st_mode):
         raise TargetRefused(f"{path} is a folder; give a file name to write the {what} to")
     if not stat.S_ISREG(st.st_mode):
-        raise TargetRefused(f"{path} is {_kind_of(st.st_mode)}, not a regular file; refusing to replace it")
+        raise TargetRefused(f"{path} is {kind_of(st.st_mode)}, not a regular file; refusing to replace it")
     if looks_like is not None and not force and st.st_size and not looks_like(path):
         raise TargetRefused(f"{path} exists and is not a {what}; refusing to overwrite it (pass --force to replace it)")
 
@@ -98,7 +98,7 @@ def check_output(
     check_target(path, looks_like=looks_like, what=what, force=force)
 
 
-def _kind_of(mode: int) -> str:
+def kind_of(mode: int) -> str:
     for test, name in (
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),

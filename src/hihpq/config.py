@@ -175,6 +175,17 @@ class Config:
             raise ConfigError(f"train.device must be 'cpu' or 'cuda[:N]', got {self.train.device!r}")
         return self
 
+    def check_training_size(self, n_train: int) -> None:
+        """The checks that need the training set's size, made once the split is known (before any feature)."""
+        if n_train < 2:
+            raise ConfigError(f"the training set holds {n_train} image(s); at least 2 are needed")
+        levels = self.hierarchy.levels
+        if levels and (self.loss.lambda1 > 0 or self.loss.lambda2 > 0) and max(levels) > n_train:
+            raise ConfigError(
+                f"hierarchy.levels {list(levels)} asks for more clusters than the {n_train} training images; "
+                "lower hierarchy.levels (or raise data.n_train)"
+            )
+
 
 # ------------------------------------------------------------------------------------------------------ schema
 @dataclass(frozen=True)

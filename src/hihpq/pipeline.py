@@ -290,7 +290,7 @@ class PreparedFeatures:
     clean: np.ndarray  # (n_used, F) float16, rows follow ``used``
     used: np.ndarray  # sorted pool indices with a clean row
     views: np.ndarray  # (n_train, V, F) float16, rows follow split.train
-    n_skipped: int  # unreadable images (placeholder features; left out of training)
+    n_skipped: int  # unreadable images (left out of every set: split.without, train_valid)
     train_valid: np.ndarray | None = None  # (n_train,) False for unreadable training images
 
     def clean_of(self, pool_idx: np.ndarray) -> np.ndarray:
@@ -349,6 +349,8 @@ def prepare_features(
         **common,
     )
     train_valid = views.valid & clean.valid[np.searchsorted(used, split.train)]
+    # issue 13: unreadable images leave the query and database sets (training ones are masked by train_valid)
+    split = split.without(used[~clean.valid], sets=("query", "database"))
     return PreparedFeatures(split, clean.features, used, views.features, clean.n_skipped, train_valid)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "ImageSource",
     "SkipLog",
     "UnreadableImageError",
+    "readable_images",
     "scan_image_folder",
     "walk_image_files",
 ]
@@ -169,6 +170,18 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 def _name(path: os.PathLike[str] | str) -> str:
     """A path for messages: undecodable bytes of the file name shown as escapes, never an encoding error."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def readable_images(paths: Sequence[str | os.PathLike[str]]) -> tuple[list, list[str]]:
+    """(the paths that decode, "name: problem" of those that do not): for a few query images, read twice."""
+    good, bad = [], []
+    for p in paths:
+        try:
+            _open_rgb(Path(p))
+            good.append(p)
+        except UnreadableImageError as exc:
+            bad.append(str(exc))
+    return good, bad
 
 
 class ImageDataset(ImageSource):

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from hihpq import __version__
-from hihpq.atomic import atomic_path
+from hihpq.atomic import atomic_path, kind_of
 from hihpq.index.pq_index import EuclideanPQIndex, HyperbolicPQIndex, _check_metadata, _ItemMetadata
 
 __all__ = [
@@ -330,8 +331,14 @@ def _load(path: Path, f, s: dict, *, mmap: bool) -> np.ndarray:
 
 def _open(path) -> Path:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such index file")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such index file") from None
+    if stat.S_ISDIR(mode):
+        raise IndexFileError(path, "a folder, not an index file")
+    if not stat.S_ISREG(mode):
+        raise IndexFileError(path, f"{kind_of(mode)}, not an index file")
     return path
 
 
