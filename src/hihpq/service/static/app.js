@@ -121,7 +121,8 @@ fetch("/health")
   .then((r) => r.json())
   .then((h) => {
     $("index-info").textContent =
-      `${h.ntotal.toLocaleString()} items · ${h.M} × ${Math.round(Math.log2(h.K))} bits · model ${h.model_fingerprint.slice(0, 12)}`;
+      `${h.ntotal.toLocaleString()} items · ${h.M * Math.ceil(Math.log2(h.K))}-bit codes (M = ${h.M}, K = ${h.K})` +
+      ` · model ${h.model_fingerprint.slice(0, 12)}`;
     $("k-input").max = h.k_max;
     $("k-input").value = h.k;
   })
