@@ -269,6 +269,7 @@ def create_app(
             "k_max": k_max,
             "max_upload_mb": max_upload_mb,
             "has_paths": index.has_item_metadata,
+            "recent_batch_sizes": list(service.batcher.batch_sizes),  # the last 100 batches the worker ran
         }
 
     pages = {
