@@ -295,6 +295,46 @@ def test_a_failing_model_call_fails_that_request_only(served_index, monkeypatch)
         assert upload(c, png_bytes((14, 14))).status_code == 200
 
 
+def test_concurrent_requests_share_one_model_call_and_the_loop_stays_free(served_index, monkeypatch):
+    """While the model is busy, requests queue (the event loop still answers /health); the queued ones then go
+    through the model together, each getting its own answer."""
+    _, images, run, index = served_index
+    queries = [sorted((images / c).iterdir())[i] for c in ("red", "green", "blue") for i in (0, 4)]
+    with TestClient(create_app(index, max_batch=16)) as c:
+        service = c.app.state.service
+        real, gate, calls = service.encoder.embed, threading.Event(), []
+
+        def gated(images, **kw):
+            calls.append(len(images))
+            gate.wait(60)
+            return real(images, **kw)
+
+        monkeypatch.setattr(service.encoder, "embed", gated)
+        answers = {}
+
+        def ask(path):
+            answers[path] = upload(c, path.read_bytes(), k="5").json()
+
+        threads = [threading.Thread(target=ask, args=(queries[0],))]
+        threads[0].start()
+        while not calls:  # the worker is now inside the model with the first request
+            threading.Event().wait(0.01)
+        threads += [threading.Thread(target=ask, args=(q,)) for q in queries[1:]]
+        for t in threads[1:]:
+            t.start()
+        while service.batcher._queue.qsize() < len(queries) - 1:
+            assert c.get("/health").status_code == 200  # the loop is free while the model works
+            threading.Event().wait(0.01)
+        gate.set()
+        for t in threads:
+            t.join(60)
+        assert calls == [1, len(queries) - 1]  # everything that queued went through the model in one call
+    idx, enc = read_index(index), load_encoder(run)
+    _, I = idx.search(enc.embed([Image.open(q).convert("RGB") for q in queries]), 5)
+    for q, row in zip(queries, I, strict=True):
+        assert [x["id"] for x in answers[q]["results"]] == row.tolist()
+
+
 # --------------------------------------------------------------------------------------------- startup checks
 def test_a_different_model_fingerprint_refuses_to_start(tmp_path, served_index, capsys):
     _, _, run, index = served_index
