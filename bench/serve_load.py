@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=256, help="side of the uploaded JPEG queries")
     ap.add_argument("--reference", type=int, default=100, help="in-process one-at-a-time searches (reference)")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (server)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (server)")
     ap.add_argument("--workdir", help="where the model and the index go (default: a temporary folder)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = ap.parse_args(argv)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference_in_process=ref,
         served_over_reference=ratio,
         recent_batch_sizes=batches,
-        cpus=len(os.sched_getaffinity(0)),
+        cpus=os.cpu_count(),
         load_avg_1min=os.getloadavg()[0],
         service_versions=extra_versions,
     )

@@ -81,6 +81,10 @@ class _BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def create_app(
     index_path: str | Path,
     model: str | Path | None = None,
@@ -110,7 +114,7 @@ def create_app(
         raise ValueError(f"max_upload_mb must be > 0, got {max_upload_mb}")
     import torch
 
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads or _usable_cores())
     service = SearchService(index_path, model, device=device, max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
     limit = int(max_upload_mb * 2**20)
 
