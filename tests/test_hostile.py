@@ -18,7 +18,7 @@ from PIL import Image
 
 from helpers import write_colour_folder, write_tiny_config
 from hihpq.cli import main
-from hihpq.config import SCHEMA, Config, ConfigError, config_keys, load_config
+from hihpq.config import Config, ConfigError, load_config
 
 # ------------------------------------------------------------------------------------- 7, 9: config values
 
@@ -60,6 +60,8 @@ def test_numbers_are_normalised_and_yaml_strings_of_floats_accepted():
 
 
 def test_every_config_field_has_a_declared_type_and_range():
+    from hihpq.config import SCHEMA, config_keys
+
     keys = config_keys(Config())
     assert sorted(keys) == sorted(SCHEMA), set(keys) ^ set(SCHEMA)
     # and a field added without a declaration is refused, naming it
@@ -436,3 +438,20 @@ def test_cuda_without_cuda_is_refused_up_front(hostile_run, tmp_path, capsys):
     _, _, config, _ = hostile_run
     assert main(["train", str(config), "--out", str(tmp_path / "c"), "--device", "cuda"]) == 2
     assert "no CUDA device is available here; use --device cpu" in _err(capsys)
+
+
+def test_service_uploads_bound_the_aspect_ratio_and_scale_16_bit():
+    import io
+
+    from hihpq.service.uploads import TooManyPixelsError, decode_image
+
+    def png(img):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    with pytest.raises(TooManyPixelsError, match="aspect ratio"):
+        decode_image(png(Image.new("RGB", (30000, 1))))
+    ramp = (np.linspace(0, 1, 64 * 64).reshape(64, 64) * 65535).astype(np.uint16)
+    a = np.asarray(decode_image(png(Image.fromarray(ramp))))
+    assert a.min() <= 2 and a.max() >= 253

@@ -238,6 +238,7 @@ def cmd_search(args) -> int:
 def cmd_serve(args) -> int:
     from hihpq.service import serve
 
+    _check_device(args.device)
     options = {"device": args.device, "k": args.k, "k_max": max(args.k, 100), "max_upload_mb": args.max_upload_mb}
     options["threads"] = args.threads
     serve(args.index, args.model, host=args.host, port=args.port, **options)
@@ -346,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
-    p.add_argument("-k", type=int, default=10, help="results per search unless the request says (default 10)")
+    p.add_argument("-k", type=_positive_int, default=10, help="results per search unless the request says (default 10)")
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted upload (default 10 MB)")
-    p.add_argument("--threads", type=int, help="torch threads of the model (default: the usable cores)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads of the model (default: the usable cores)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("index", help="index file tools")

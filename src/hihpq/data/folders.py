@@ -144,7 +144,7 @@ def _open_rgb(path: Path) -> Image.Image:
                     if img.mode == "P" and "transparency" in img.info:
                         return img.convert("RGBA").convert("RGB")
                     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-                        return _to_8bit(img)
+                        return to_8bit_rgb(img)
                     return img.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             if isinstance(exc, UnreadableImageError):
@@ -152,7 +152,7 @@ def _open_rgb(path: Path) -> Image.Image:
             raise UnreadableImageError(f"{_name(path)}: {exc}") from exc
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
+def to_8bit_rgb(img: Image.Image) -> Image.Image:
     """A 16-bit integer or float single-channel image scaled to 8-bit RGB: 16-bit by its full range (/257), floats
     in [0, 1] by 255, anything else by its own min-max range."""
     a = np.asarray(img, dtype=np.float64)
