@@ -37,10 +37,10 @@ from hihpq.config import Config, ConfigError, load_config
         ("hierarchy.interval=-1", r"hierarchy.interval must be an int in \[1, inf\)"),
         ("hierarchy.interval=0", "hierarchy.interval"),
         ("hierarchy.levels=[10, 2.5]", "hierarchy.levels must be a list of ints"),
-        ("quantizer.tau=false", "quantizer.tau"),
+        ("quantizer.tau=false", r"quantizer.tau must be a number in \(0, inf\), got False"),
         ("quantizer.learn_curvature=1", "quantizer.learn_curvature must be true or false"),
         ("projector.kind=conv", r"projector.kind must be one of \['linear', 'mlp'\]"),
-        ("eval.topk=0", "eval.topk"),
+        ("eval.topk=0", r"eval.topk must be an int in \[1, inf\)"),
         ("features.num_workers=-1", "features.num_workers"),
         # 9: the quantizer takes the open interval; K > 256 does not fit uint8 codes
         ("quantizer.curvature=10.0", "open interval"),
@@ -189,17 +189,25 @@ def test_16_bit_png_and_float_tiff_are_scaled_not_clipped(tmp_path):
 
 def test_symlink_loops_and_linked_copies_do_not_multiply_a_dataset(tmp_path):
     from hihpq.data import ImageFolderDataset
-    from hihpq.pipeline import list_images
 
     root = write_colour_folder(tmp_path / "images", per_class=3)
     (root / "red" / "loop").symlink_to(root / "red", target_is_directory=True)
-    (root / "red" / "up").symlink_to(root, target_is_directory=True)
     (root / "red" / "again.png").symlink_to(root / "red" / "000.png")
     (root / "blue" / "reds").symlink_to(root / "red", target_is_directory=True)
     ds = ImageFolderDataset(root)
     assert len(ds) == 9, ds.paths
     assert list(ds.labels).count(2) == 3  # "red" (class 2) keeps its own 3 files; blue/reds adds nothing new
-    assert len(list_images(root)) == 9
+
+
+def test_encode_folders_follow_links_once(tmp_path):
+    from hihpq.pipeline import list_images
+
+    root = write_colour_folder(tmp_path / "images", per_class=3)
+    elsewhere = write_colour_folder(tmp_path / "more", per_class=2)
+    (root / "red" / "up").symlink_to(root, target_is_directory=True)  # a loop through the top
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)  # a linked folder outside: followed
+    files = list_images(root)
+    assert len(files) == 9 + 6 and len({f.resolve() for f in files}) == 15
 
 
 def _in_thread(fn, timeout=20.0):
