@@ -53,28 +53,38 @@ def cmd_configs(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from hihpq import distributed
     from hihpq import pipeline as P
     from hihpq.train import Trainer
 
     cfg = _load(args)
     out = Path(args.out or f"runs/{cfg.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    # under torchrun: join the other processes; each GPU process gets cuda:LOCAL_RANK
+    ctx, device = distributed.init_from_env(cfg.train.device)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    cfg.train.device = device
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
-    if online:
-        prep = P.prepare_online(cfg)
-        in_dim, source = prep.in_dim, prep.source
-    else:
-        prep = P.prepare_features(cfg)
-        in_dim, source = prep.clean.shape[1], prep.train_source()
+    with distributed.main_first():  # rank 0 fills the feature cache, the others read it
+        if online:
+            prep = P.prepare_online(cfg)
+            in_dim, source = prep.in_dim, prep.source
+        else:
+            prep = P.prepare_features(cfg, progress=ctx.is_main)
+            in_dim, source = prep.clean.shape[1], prep.train_source()
     t_feat = time.perf_counter() - t0
-    print(prep.split.summary())
+    if ctx.is_main:
+        print(prep.split.summary())
     model = P.build_model(cfg, in_dim, backbone=prep.backbone if online else None)
-    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg), out_dir=out)
+    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=ctx.is_main), out_dir=out)
     trainer.fit(source, resume=args.resume)
     t_train = time.perf_counter() - t0 - t_feat
+    distributed.shutdown()
+    if not ctx.is_main:  # rank 0 alone saves, evaluates and reports
+        return 0
     P.save_model(out / "model.pt", model, cfg, in_dim)
     record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
     if not args.no_eval:

@@ -151,9 +151,15 @@ def _augment(transform: Callable, images: list, seeds: np.ndarray) -> torch.Tens
 
 
 def _loader(dataset: torch.utils.data.Dataset, num_workers: int) -> torch.utils.data.DataLoader:
-    # batch_size=None: every item is already a whole batch; order is kept, whatever the number of workers
+    # batch_size=None: every item is already a whole batch; order is kept, whatever the number of workers. The
+    # loader draws its workers' base seed from `generator`: a private one leaves the run's torch stream alone.
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_as_is
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        generator=torch.Generator().manual_seed(0),
     )
 
 
