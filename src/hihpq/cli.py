@@ -120,17 +120,24 @@ def cmd_encode(args) -> int:
     from hihpq import pipeline as P
     from hihpq.index import write_index
 
+    if args.shard and not args.images:
+        raise ValueError("--shard needs --images FOLDER (the protocol's database is encoded in one pass)")
     model, cfg, _ = P.load_model(args.model)
+    ids, shard_meta, out = None, {}, Path(args.out)
     if args.images:
         paths = P.list_images(args.images)
+        if args.shard:  # this process's slice of the sorted paths; ids stay global positions
+            from hihpq.index.shards import select_shard
+
+            paths, ids, shard_meta, out = select_shard(paths, args.shard, args.out)
         emb = P.embed_images(model, cfg, paths)
         names = [str(p) for p in paths]
     else:
         split, _, emb = P.protocol_embeddings(model, cfg, args.data)
         names = [split.dataset.describe(int(i)) for i in split.database]
-    index = P.build_index(model, emb, metric=args.metric)
-    write_index(index, args.out, item_names=names, metadata={"model": str(Path(args.model).resolve())})
-    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
+    index = P.build_index(model, emb, ids=ids, metric=args.metric)
+    write_index(index, out, item_names=names, metadata={"model": str(Path(args.model).resolve()), **shard_meta})
+    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {out}")
     return 0
 
 
@@ -152,6 +159,14 @@ def cmd_search(args) -> int:
         for rank, (d, i, name) in enumerate(zip(drow, irow, names, strict=True), 1):
             if i >= 0:
                 print(f"  {rank:3d}  id={i:<8d} d={d:.4f}  {name}")
+    return 0
+
+
+def cmd_index_merge(args) -> int:
+    from hihpq.index.shards import merge_index_files
+
+    summary = merge_index_files(args.out, args.shards)
+    print(f"merged {summary['n_files']} files: {summary['n_items']} codes in {summary['out']}")
     return 0
 
 
@@ -236,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="an image folder to encode (default: the protocol's database)")
     p.add_argument("--data")
     p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="encode only shard I (0-based) of N contiguous shards of the sorted --images files, into "
+        "OUT-IIIII-of-NNNNN; 'auto' takes I/N from torchrun (RANK/WORLD_SIZE); join with `hihpq index merge`",
+    )
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("search", help="search an index with query images")
@@ -250,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     pi = isub.add_parser("info", help="describe an index file")
     pi.add_argument("index")
     pi.set_defaults(func=cmd_index_info)
+    pm = isub.add_parser("merge", help="join index shard files (from encode --shard) into one index")
+    pm.add_argument("out", help="merged index file to write")
+    pm.add_argument("shards", nargs="+", help="the shard files, every one exactly once")
+    pm.set_defaults(func=cmd_index_merge)
 
     p = sub.add_parser("demo", help="train, encode and evaluate on a reduced CIFAR-10 (II); compare with PCA+PQ")
     p.add_argument("--data", help="folder holding CIFAR-10 (else $HIHPQ_DATA, else download, else digits)")
