@@ -59,7 +59,7 @@ def _tiny_config(path: Path, images: Path, cache: Path, **sections) -> Path:
         "projector": {"hidden": 64},
         "hierarchy": {"levels": [6, 3], "warmup_epochs": 1},
         "train": {"epochs": 2, "batch_size": 16},
-        "eval": {"topk": 20},
+        "eval": {"topk": 10},
     }
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}
@@ -86,7 +86,7 @@ def _cli(*argv: str) -> tuple[float, str]:
 
 def smoke(device: str, tmp: Path) -> dict:
     """train -> evaluate -> encode -> search on the device, on a generated colour folder (frozen backbone)."""
-    images = _colour_folder(tmp / "colours", per_class=12)
+    images = _colour_folder(tmp / "colours", per_class=10)
     config = _tiny_config(tmp / "smoke.yaml", images, tmp / "cache")
     run, index = tmp / "smoke-run", tmp / "smoke.hpq"
     dev = ["--device", device]
@@ -103,22 +103,23 @@ def smoke(device: str, tmp: Path) -> dict:
     if len(hits) != 5:
         raise RuntimeError(f"search returned {len(hits)} results instead of 5:\n{found}")
     record = json.loads((run / "run.json").read_text())
-    return {"ok": True, "seconds": seconds, "map_at_20": record["eval"]["map_at_20"], "evaluate_output": text.strip()}
+    return {"ok": True, "seconds": seconds, "map_at_10": record["eval"]["map_at_10"], "evaluate_output": text.strip()}
 
 
 def online(args, amp: str, tmp: Path, data: Path | None) -> dict:
     """One online run (trainable backbone, views augmented by worker processes): images/s and mAP."""
     run = tmp / f"online-{amp}"
     if args.tiny:
-        images = _colour_folder(tmp / "online-images", per_class=16)
-        n_train = 3 * 16 - 9
+        images = _colour_folder(tmp / "online-images", per_class=6)
+        n_train = 3 * 6 - 6
         config = str(
             _tiny_config(
                 tmp / f"online-{amp}.yaml",
                 images,
                 tmp / "cache",
                 backbone={"trainable": True, "resolution": 32},
-                train={"epochs": args.epochs, "batch_size": 13, "lr": 0.005, "amp": amp},
+                data={"n_query": 6},
+                train={"epochs": args.epochs, "batch_size": 6, "lr": 0.005, "amp": amp},
             )
         )
         overrides: list[str] = []
@@ -176,7 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--data", type=Path, default=os.environ.get("HIHPQ_DATA"), help="CIFAR-10 folder or tarball")
     ap.add_argument("--tiny", action="store_true", help="generated data at 32 px: a minute on a CPU")
-    ap.add_argument("--amp", nargs="+", default=None, help="AMP modes to compare (default: none bf16)")
+    ap.add_argument(
+        "--amp", nargs="+", default=None, help="AMP modes to compare (default: none bf16 on GPUs, none on CPUs)"
+    )
     ap.add_argument("--epochs", type=int, default=None, help="online epochs (default 3; --tiny 1)")
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--train-per-class", type=int, default=500, help="CIFAR-10 (II) uses 500")
@@ -186,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.epochs = args.epochs or (1 if args.tiny else 3)
-    amps = args.amp or ["none", "bf16"]
+    # bf16 convolutions are emulated on most CPUs (minutes per step through the backbone): the CPU check keeps fp32;
+    # tests/test_amp.py checks autocast on CPU on the head alone.
+    amps = args.amp or (["none", "bf16"] if args.device.startswith("cuda") else ["none"])
     out = args.out or RESULTS / ("gpu_check_tiny.json" if args.tiny else "gpu_check.json")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run `python bench/gpu_check.py --device cpu --tiny` instead")
