@@ -129,32 +129,42 @@ def cmd_configs(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from hihpq import distributed
     from hihpq import pipeline as P
     from hihpq.train import Trainer
 
     cfg = _load(args)
     out = Path(args.out or f"runs/{cfg.name}")
     _check_run_folder(out, cfg, resume=args.resume, force=args.force)
-    split = P.make_split(cfg)
+    split = P.make_split(cfg)  # every process: concurrent unpackers of the CIFAR-10 tarball are safe
     cfg.check_training_size(len(split.train))  # before the features: levels against the training set
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:  # a resumed run keeps the record of the config it started with (checked equal above)
-        save_config(cfg, out / "config.yaml")
+    # under torchrun: join the other processes; each GPU process gets cuda:LOCAL_RANK
+    ctx, device = distributed.init_from_env(cfg.train.device)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:  # a resumed run keeps the record of the config it started with (checked equal above)
+            save_config(cfg, out / "config.yaml")
+    cfg.train.device = device
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
-    if online:
-        prep = P.prepare_online(cfg, split)
-        in_dim, source = prep.in_dim, prep.source
-    else:
-        prep = P.prepare_features(cfg, split)
-        in_dim, source = prep.clean.shape[1], prep.train_source()
+    with distributed.main_first():  # rank 0 fills the feature cache, the others read it
+        if online:
+            prep = P.prepare_online(cfg, split)
+            in_dim, source = prep.in_dim, prep.source
+        else:
+            prep = P.prepare_features(cfg, split, progress=ctx.is_main)
+            in_dim, source = prep.clean.shape[1], prep.train_source()
     t_feat = time.perf_counter() - t0
-    print(prep.split.summary())
+    if ctx.is_main:
+        print(prep.split.summary())
     model = P.build_model(cfg, in_dim, backbone=prep.backbone if online else None)
-    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg), out_dir=out)
+    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=ctx.is_main), out_dir=out)
     trainer.fit(source, resume=args.resume)
     t_train = time.perf_counter() - t0 - t_feat
+    distributed.shutdown()
+    if not ctx.is_main:  # rank 0 alone saves, evaluates and reports
+        return 0
     P.save_model(out / "model.pt", model, cfg, in_dim)
     record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
     if not args.no_eval:
@@ -193,18 +203,25 @@ def cmd_encode(args) -> int:
     from hihpq.index.io import is_index_file
 
     check_output(args.out, looks_like=is_index_file, what="hihpq index file", force=args.force)  # before any work
+    if args.shard and not args.images:
+        raise ValueError("--shard needs --images FOLDER (the protocol's database is encoded in one pass)")
     model, cfg, _ = P.load_model(args.model)
+    ids, shard_meta, out = None, {}, Path(args.out)
     if args.images:
         paths = P.list_images(args.images)
+        if args.shard:  # this process's slice of the sorted paths; ids stay global positions
+            from hihpq.index.shards import select_shard
+
+            paths, ids, shard_meta, out = select_shard(paths, args.shard, args.out)
         emb = P.embed_images(model, cfg, paths)
         names = [str(p) for p in paths]
     else:
         split, _, emb = P.protocol_embeddings(model, cfg, args.data)
         names = [split.dataset.describe(int(i)) for i in split.database]
-    index = P.build_index(model, emb, metric=args.metric)
-    meta = {"model": str(Path(args.model).resolve())}
-    write_index(index, args.out, item_names=names, metadata=meta, force=args.force)
-    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
+    index = P.build_index(model, emb, ids=ids, metric=args.metric)
+    meta = {"model": str(Path(args.model).resolve()), **shard_meta}
+    write_index(index, out, item_names=names, metadata=meta, force=args.force)
+    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {out}")
     return 0
 
 
@@ -232,6 +249,14 @@ def cmd_search(args) -> int:
         for rank, (d, i, name) in enumerate(zip(drow, irow, names, strict=True), 1):
             if i >= 0:
                 print(f"  {rank:3d}  id={i:<8d} d={d:.4f}  {name}")
+    return 0
+
+
+def cmd_index_merge(args) -> int:
+    from hihpq.index.shards import merge_index_files
+
+    summary = merge_index_files(args.out, args.shards)
+    print(f"merged {summary['n_files']} files: {summary['n_items']} codes in {summary['out']}")
     return 0
 
 
@@ -332,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
     p.add_argument("--force", action="store_true", help="overwrite --out even when it is not an index file")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="encode only shard I (0-based) of N contiguous shards of the sorted --images files, into "
+        "OUT-IIIII-of-NNNNN; 'auto' takes I/N from torchrun (RANK/WORLD_SIZE); join with `hihpq index merge`",
+    )
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("search", help="search an index with query images")
@@ -358,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("index")
     pi.add_argument("--verify", action="store_true", help="check every section's checksum (exit 2 on a mismatch)")
     pi.set_defaults(func=cmd_index_info)
+    pm = isub.add_parser("merge", help="join index shard files (from encode --shard) into one index")
+    pm.add_argument("out", help="merged index file to write")
+    pm.add_argument("shards", nargs="+", help="the shard files, every one exactly once")
+    pm.set_defaults(func=cmd_index_merge)
 
     p = sub.add_parser("demo", help="train, encode and evaluate on a reduced CIFAR-10 (II); compare with PCA+PQ")
     p.add_argument("--data", help="folder holding CIFAR-10 (else $HIHPQ_DATA, else download, else digits)")

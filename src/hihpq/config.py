@@ -111,7 +111,7 @@ class TrainConfig:
     curvature_lr_scale: float = 1.0  # curvature step = lr * this, when quantizer.learn_curvature
     backbone_lr_scale: float = 1.0  # step of the trainable backbone layers = lr * this (online training)
     device: str = "cpu"
-    amp: bool = False
+    amp: str = "none"  # none | bf16 | fp16 autocast of backbone + projector (old booleans: false=none, true=bf16)
     num_threads: int | None = None
 
 
@@ -141,6 +141,8 @@ class Config:
     def validate(self) -> Config:
         """Refuse impossible settings with a message that says what to change: every field against its declared
         type and range (:data:`SCHEMA`), then the checks that involve several fields."""
+        if isinstance(self.train.amp, bool):  # configs written before amp had modes: true meant bf16 autocast
+            self.train.amp = "bf16" if self.train.amp else "none"
         check_schema(self)
         q = self.quantizer
         k = q.n_codewords
@@ -331,7 +333,7 @@ SCHEMA: dict[str, Spec] = {
     "train.curvature_lr_scale": _NON_NEGATIVE,
     "train.backbone_lr_scale": _NON_NEGATIVE,
     "train.device": _str(),
-    "train.amp": Spec("bool"),
+    "train.amp": _str("none", "bf16", "fp16"),
     "train.num_threads": _int(1, none=True),
     "eval.topk": _int(1),
     "eval.metric": _str("adc", "sdc"),
