@@ -31,12 +31,14 @@ def build_quantizer(cfg: Config) -> ProductQuantizer:
         q.n_subspaces,
         q.n_codewords,
         q.subspace_dim,
-        geometry="euclidean" if q.geometry == "euclidean" else "lorentz",
+        geometry=q.geometry,
         tau=q.tau,
         curvature=q.curvature,
         learn_curvature=q.learn_curvature,
         curvature_bounds=(q.curvature_min, q.curvature_max),
         clip_r=q.clip_r,
+        curvature_param=q.curvature_param,
+        init_from_data=q.init_from_data,
     )
 
 
@@ -49,7 +51,13 @@ def build_model(cfg: Config, in_dim: int, backbone: torch.nn.Module | None = Non
 
 
 def build_loss(cfg: Config) -> HiHPQLoss:
-    return HiHPQLoss(tau=cfg.loss.tau_qc, lambda1=cfg.loss.lambda1, lambda2=cfg.loss.lambda2)
+    loss = cfg.loss
+    return HiHPQLoss(
+        tau=loss.tau_qc,
+        lambda1=loss.lambda1,
+        lambda2=loss.lambda2,
+        instance_denominator=loss.instance_denominator,
+    )
 
 
 def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:

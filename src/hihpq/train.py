@@ -303,6 +303,8 @@ class Trainer:
         total_steps = self.s.epochs * n_batches
         while self.epoch < self.s.epochs:
             t0 = time.perf_counter()
+            if self.model.quantizer.init_from_data and self.epoch == self.s.hierarchy_warmup:
+                self._init_codebooks(source)
             hier_s = self._refresh_hierarchy(source)
             sums: dict[str, float] = {}
             perm = self.rng.permutation(source.n)
@@ -338,6 +340,16 @@ class Trainer:
                 self._write_logs()
                 self.save_checkpoint(ckpt)
         return self.history
+
+    def _init_codebooks(self, source: ViewSource) -> None:
+        """k-means codebooks from two views of every training image (quantizer.init_from_data), momentum reset."""
+        q = self.model.quantizer
+        self.model.eval()
+        with torch.no_grad():
+            chunks = [np.arange(s, min(s + 1024, source.n)) for s in range(0, source.n, 1024)]
+            z = [self.model.project(x.to(self.device)).float() for i in chunks for x in source.pair(i, self.rng)]
+        q.init_codebooks_from_data(torch.cat(z), generator=torch.Generator().manual_seed(self.s.seed))
+        self.optimizer.state.pop(q.codebook_tangent, None)
 
     def _refresh_hierarchy(self, source: ViewSource) -> float:
         s = self.s
@@ -397,6 +409,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
+        q.clamp_curvature_()  # the authors' clamped curvature back into bounds (no-op for the default)
         with torch.no_grad():
             qerr = q.quantization_error(out.h[:B].float())
         return {
@@ -432,7 +445,12 @@ def _param_groups(model: HiHPQ, s: TrainSettings) -> list[dict]:
     groups = {
         "weights": {"params": [], "weight_decay": s.weight_decay},
         "no_decay": {"params": [], "weight_decay": 0.0},
-        "curvature": {"params": [], "weight_decay": 0.0, "lr_scale": s.curvature_lr_scale},
+        # decayed only when the quantizer asks for it (the authors' clamped parameterisation)
+        "curvature": {
+            "params": [],
+            "weight_decay": 0.0 if id(q.curvature_raw) in no_decay else s.weight_decay,
+            "lr_scale": s.curvature_lr_scale,
+        },
         "backbone": {"params": [], "weight_decay": s.weight_decay, "lr_scale": s.backbone_lr_scale},
     }
     for p in model.parameters():
