@@ -41,6 +41,42 @@ def continuous_ranking(model, q_emb: np.ndarray, db_emb: np.ndarray, topk: int) 
     return torch.cat(out).numpy()
 
 
+def curvature_probe(model, prep, cfg, cs=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0), n: int = 512) -> list[dict]:
+    """The hypothesis behind the runaway curvature, on a trained model's tangent vectors held fixed: L_aug of the
+    continuous embeddings of two views as a function of a common curvature c, with the mean geodesic distance of
+    positive pairs and of negatives and their ratio (how far the negatives are spread relative to the positives)."""
+    from hihpq.geometry import lorentz
+    from hihpq.losses import quantized_contrastive_loss
+
+    q = model.quantizer
+    rng = np.random.default_rng(0)
+    idx = rng.choice(prep.train_source().n, size=min(n, prep.train_source().n), replace=False)
+    x1, x2 = prep.train_source().pair(idx, rng)
+    with torch.no_grad():
+        v1, v2 = (q.tangent(model.project(x)).double() for x in (x1, x2))
+    out = []
+    for c in cs:
+        cc = torch.tensor(float(c), dtype=torch.float64, requires_grad=True)
+
+        def dist(a, b, cc=cc):
+            return lorentz.pairwise_dist(a.transpose(0, 1), b.transpose(0, 1), c=cc).sum(0)
+
+        h1, h2 = lorentz.expmap0(v1, c=cc), lorentz.expmap0(v2, c=cc)
+        loss = quantized_contrastive_loss(h1, h2, distance=dist, tau=cfg.loss.tau_qc)
+        (grad,) = torch.autograd.grad(loss, cc)
+        with torch.no_grad():
+            d = dist(h1, h2)
+            pos = d.diagonal().mean().item()
+            neg = ((d.sum() - d.diagonal().sum()) / (d.numel() - len(d))).item()
+        out.append({"c": c, "L_aug": loss.item(), "dL_dc": grad.item(), "d_pos": pos, "d_neg": neg, "ratio": neg / pos})
+        print(
+            f"  probe c={c:<5} L_aug {loss.item():.4f}  dL/dc {grad.item():+.4f}  d_pos {pos:.3f}  "
+            f"d_neg {neg:.3f}  neg/pos {neg / pos:.2f}",
+            flush=True,
+        )
+    return out
+
+
 def run_one(label: str, overrides: list[str], args) -> dict:
     cfg = load_config(f"cifar10-ii-{args.bits}", [*demo_overrides(args.data, True), *overrides, f"seed={args.seed}"])
     seed_everything(cfg.seed)
@@ -67,6 +103,9 @@ def run_one(label: str, overrides: list[str], args) -> dict:
         "train_s": train_s,
         "commit": git_commit(),
     }
+    if args.probe and model.quantizer.geometry == "lorentz":
+        print(f"{label}: curvature probe", flush=True)
+        rec["curvature_probe"] = curvature_probe(model, prep, cfg)
     c = " ".join(f"{x:.2f}" for x in last["curvature"])
     print(
         f"{label:<24} adc {100 * adc:6.2f}  continuous {100 * cont:6.2f}  gap {100 * (cont - adc):5.2f}  "
@@ -83,6 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=2021)
     ap.add_argument("--run", action="append", required=True, help="label:override,override,... (repeatable)")
     ap.add_argument("--out", default="bench/results/quick_diagnostics.json")
+    ap.add_argument("--probe", action="store_true", help="L_aug against the curvature on each trained model")
     args = ap.parse_args(argv)
     records = []
     for spec in args.run:

@@ -155,8 +155,8 @@ def test_paper_denominator_goes_negative_and_is_selectable_in_the_objective():
     q, dist = _setup("lorentz")
     x = _emb(q, 6, 1)
     # The positive is the anchor itself (distance 0): Eq. 19 as printed is then below 0, ours stays above.
-    assert instance_loss(x, [x.clone()], distance=dist, tau=0.1, denominator="paper").item() < 0
-    assert instance_loss(x, [x.clone()], distance=dist, tau=0.1).item() > 0
+    assert instance_loss(x, [x.clone()], distance=dist, tau=0.5, denominator="paper").item() < 0
+    assert instance_loss(x, [x.clone()], distance=dist, tau=0.5).item() > 0
     pos = [_emb(q, 6, 5)]
     paper = HiHPQLoss(lambda1=0.0, lambda2=1.0, instance_denominator="paper", distance=dist)
     _, parts = paper(x, _emb(q, 6, 2), positives=pos)
