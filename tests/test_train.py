@@ -152,6 +152,15 @@ def test_codebooks_initialised_from_data_after_the_hierarchy_warm_up(tmp_path, g
     assert books[True][1] < books[False][1]  # codewords placed on the data quantize it better
 
 
+def test_paper_linear_projector_is_a_config_choice_that_trains(tmp_path):
+    clean, views, _ = _blobs()
+    trainer = _trainer(_cfg(tmp_path, "train.epochs=3", "projector.kind=linear"))
+    linears = [m for m in trainer.model.projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and linears[0].in_features == 24  # one Linear layer, as the paper
+    history = trainer.fit(CachedViews(views, clean))
+    assert history[-1]["aug"] < history[0]["aug"]
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     clean, views, _ = _blobs()
     full = _trainer(_cfg(tmp_path), out_dir=tmp_path / "full")
