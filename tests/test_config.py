@@ -43,6 +43,8 @@ def test_table2_variants_carry_the_papers_definitions(bits):
             assert cfg.quantizer.geometry == ("lorentz" if g == "hyperbolic" else "cosine"), cfg.name
             if g == "euclidean":
                 assert cfg.quantizer.tau == pytest.approx(0.1)  # MeCoQ's alpha = 10
+                # MeCoQ's full-vector cosine / T with T = 0.2: our sum over M subspaces needs tau_qc = M * 0.2
+                assert cfg.loss.tau_qc == pytest.approx(0.2 * cfg.quantizer.n_subspaces)
                 twin = load_config(f"cifar10-ii-{bits}-{variant}-euclidean-l2")
                 assert twin.quantizer.geometry == "euclidean"
                 assert (twin.loss.lambda1, twin.loss.lambda2) == (l1, l2)

@@ -519,9 +519,10 @@ class Trainer:
         draws = source.draw(source.n, 2, self.rng)
         lo, hi = distributed.shard_bounds(source.n, self.dist.world_size, self.dist.rank)
         steps = [[(rows, draws[rows])] for rows in np.array_split(np.arange(lo, hi), max(1, (hi - lo) // 1024))]
-        with torch.no_grad():
-            z = [self.model.project(x.to(self.device)).float().cpu() for xs in source.stream(steps) for x in xs]
-        Z = distributed.gather_arrays(torch.cat(z).numpy())
+        with torch.no_grad():  # (rows, 2 views, M*D): rows in training-set order whatever the number of ranks
+            z = [torch.stack([self.model.project(x.to(self.device)).float().cpu() for x in xs], 1)
+                 for xs in source.stream(steps)]  # fmt: skip
+        Z = distributed.gather_arrays(torch.cat(z).numpy()).reshape(2 * source.n, -1)
         books = None
         if self.dist.is_main:
             q.init_codebooks_from_data(torch.from_numpy(Z), generator=torch.Generator().manual_seed(self.s.seed))
