@@ -65,7 +65,7 @@ class QuantizerConfig:
     bits: int = 32
     n_codewords: int = 256
     feature_dim: int = 64  # M * D, D = ambient dim of one subspace
-    geometry: str = "lorentz"  # lorentz | euclidean
+    geometry: str = "lorentz"  # lorentz | euclidean | cosine (MeCoQ-style: unit sub-vectors, cosine scores)
     tau: float = 0.2  # soft-assignment temperature (divides; the authors' softmax_temp is 1 / tau)
     curvature: float = 1.0
     # Fixed by default, unlike the paper: with the hierarchy losses a learned curvature climbs from 1 to ~7 and the
@@ -74,6 +74,9 @@ class QuantizerConfig:
     curvature_min: float = 0.01
     curvature_max: float = 10.0
     clip_r: float | None = 1.5
+    # bounded: c = sigmoid-bounded (steps multiplicative in c); clamped: the authors' raw c, decayed and clamped
+    curvature_param: str = "bounded"
+    init_from_data: bool = False  # k-means codebooks from the training views once the hierarchy warm-up is over
 
     @property
     def n_subspaces(self) -> int:
@@ -89,6 +92,8 @@ class LossConfig:
     tau_qc: float = 0.2
     lambda1: float = 1.0  # prototype-wise loss weight
     lambda2: float = 0.1  # instance-wise loss weight
+    # Eq. 19's denominator: ours (positive + other anchors, a proper InfoNCE) | paper (other anchors only)
+    instance_denominator: str = "ours"
 
 
 @dataclass
@@ -163,7 +168,8 @@ class Config:
             raise ConfigError(
                 f"quantizer needs curvature_min < curvature_max, got {q.curvature_min} and {q.curvature_max}"
             )
-        if not q.curvature_min < q.curvature < q.curvature_max:  # the quantizer's open interval
+        hyperbolic = q.geometry in ("lorentz", "hyperbolic")
+        if hyperbolic and not q.curvature_min < q.curvature < q.curvature_max:  # the quantizer's open interval
             raise ConfigError(
                 f"quantizer.curvature={q.curvature} outside the open interval "
                 f"(curvature_min, curvature_max) = ({q.curvature_min}, {q.curvature_max})"
@@ -309,16 +315,19 @@ SCHEMA: dict[str, Spec] = {
     "quantizer.bits": _int(1, 4096),
     "quantizer.n_codewords": _int(2, 256),  # codes are stored as uint8
     "quantizer.feature_dim": _int(2),
-    "quantizer.geometry": _str("lorentz", "hyperbolic", "euclidean"),
+    "quantizer.geometry": _str("lorentz", "hyperbolic", "euclidean", "cosine"),
     "quantizer.tau": _POSITIVE,
     "quantizer.curvature": _POSITIVE,
     "quantizer.learn_curvature": Spec("bool"),
     "quantizer.curvature_min": _POSITIVE,
     "quantizer.curvature_max": _POSITIVE,
     "quantizer.clip_r": _float(0, lo_open=True, none=True),
+    "quantizer.curvature_param": _str("bounded", "clamped"),
+    "quantizer.init_from_data": Spec("bool"),
     "loss.tau_qc": _POSITIVE,
     "loss.lambda1": _NON_NEGATIVE,
     "loss.lambda2": _NON_NEGATIVE,
+    "loss.instance_denominator": _str("ours", "paper"),
     "hierarchy.levels": Spec("int_list", 1),
     "hierarchy.n_subclusters": _int(1, none=True),
     "hierarchy.warmup_epochs": _int(0),

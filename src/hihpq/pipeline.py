@@ -31,12 +31,14 @@ def build_quantizer(cfg: Config) -> ProductQuantizer:
         q.n_subspaces,
         q.n_codewords,
         q.subspace_dim,
-        geometry="euclidean" if q.geometry == "euclidean" else "lorentz",
+        geometry=q.geometry,
         tau=q.tau,
         curvature=q.curvature,
         learn_curvature=q.learn_curvature,
         curvature_bounds=(q.curvature_min, q.curvature_max),
         clip_r=q.clip_r,
+        curvature_param=q.curvature_param,
+        init_from_data=q.init_from_data,
     )
 
 
@@ -49,7 +51,13 @@ def build_model(cfg: Config, in_dim: int, backbone: torch.nn.Module | None = Non
 
 
 def build_loss(cfg: Config) -> HiHPQLoss:
-    return HiHPQLoss(tau=cfg.loss.tau_qc, lambda1=cfg.loss.lambda1, lambda2=cfg.loss.lambda2)
+    loss = cfg.loss
+    return HiHPQLoss(
+        tau=loss.tau_qc,
+        lambda1=loss.lambda1,
+        lambda2=loss.lambda2,
+        instance_denominator=loss.instance_denominator,
+    )
 
 
 def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
@@ -166,7 +174,7 @@ def save_retrieval(path, index, q_emb, ranked, split, topk: int, map_value: floa
     (M, K, D) as points of the Lorentz model (time coordinate first, <x, x>_L = -1/c_m), ``curvature`` (M,) c_m,
     ``query_labels`` / ``database_labels``, ``ranked`` (n_q, topk) database rows, ``topk`` and ``map`` (the
     reported mAP@topk). The ADC distance is sum_m arcosh(-c_m <q_m, w_m,code>_L) / sqrt(c_m) (``geometry``
-    "euclidean": sum_m ||q_m - w_m,code||); ties rank the lower row first.
+    "euclidean": sum_m ||q_m - w_m,code||; "cosine": sum_m 1 - cos(q_m, w_m,code)); ties rank the lower row first.
     """
     from hihpq.runinfo import atomic_path
 
