@@ -63,3 +63,13 @@ def cifar_like_folder(tmp_path: Path) -> Path:
             for k in range(n):
                 write_image(root / part / cls / f"{k:04d}.jpg", rng, (8, 8))
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _runtime_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Backbone exports (hihpq.models.runtime) go to one folder per test session: exported once per session,
+    never into the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HIHPQ_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtimes")))
+    yield
+    mp.undo()

@@ -463,13 +463,19 @@ def _backbone_fields(backbone: torch.nn.Module) -> dict[str, Any]:
     for attr in ("name", "weights_id", "feature_dim", "mean", "std", "default_resolution"):
         if not hasattr(backbone, attr):
             raise TypeError(f"backbone must be a hihpq Backbone (no attribute {attr!r})")
-    return {
+    fields = {
         "name": backbone.name,
         "weights": backbone.weights_id,
         "feature_dim": int(backbone.feature_dim),
         "mean": list(backbone.mean),
         "std": list(backbone.std),
     }
+    # An inference runtime (hihpq.models.runtime) computes slightly different numbers: its name, version and
+    # precision key its own entries. The PyTorch reference has none, so its existing entries stay valid.
+    runtime_id = getattr(backbone, "runtime_id", None)
+    if runtime_id is not None:
+        fields["runtime"] = dict(runtime_id)
+    return fields
 
 
 def _run_extraction(
