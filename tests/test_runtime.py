@@ -59,7 +59,7 @@ def test_runtime_reproduces_pytorch_features(reference, compiled, runtime):
         reference.mean,
         reference.std,
     )
-    assert fast.default_resolution == RES and fast.is_frozen
+    assert fast.default_resolution == RES and fast.is_frozen and fast.for_inference() is fast
     assert fast.runtime_id["runtime"] == runtime and fast.runtime_id["precision"] == "fp32"
     # any batch size, including one image
     assert torch.allclose(fast(x[:1]), got[:1], rtol=1e-4, atol=1e-5)
@@ -73,8 +73,10 @@ def test_export_is_cached_on_disk(compiled, runtime, monkeypatch):
         raise AssertionError("exported again although the artifact is cached")
 
     monkeypatch.setattr(rt, "_export", no_export)
+    assert frozen_backbone("efficientnet-lite0", resolution=RES, runtime=runtime) is first  # this process: reused
+    monkeypatch.setattr(rt, "_COMPILED", {})  # a new process: compiled again from the exported file
     again = frozen_backbone("efficientnet-lite0", resolution=RES, runtime=runtime)
-    assert again.model_path == first.model_path
+    assert again is not first and again.model_path == first.model_path
     assert not list(first.model_path.parent.parent.glob(".*.tmp"))  # no temporary export left behind
 
 
@@ -118,6 +120,7 @@ def _hide_runtimes(monkeypatch, *names: str) -> None:
 
 def test_auto_falls_back_to_pytorch_with_one_clear_warning(monkeypatch, caplog):
     _hide_runtimes(monkeypatch, *rt.AUTO_ORDER)
+    monkeypatch.setattr(rt, "_COMPILED", {})
     with caplog.at_level(logging.WARNING, logger="hihpq.models.runtime"):
         backbone = frozen_backbone("efficientnet-lite0", resolution=RES)
     assert isinstance(backbone, Backbone) and not hasattr(backbone, "runtime_id")
@@ -129,6 +132,7 @@ def test_auto_falls_back_to_pytorch_with_one_clear_warning(monkeypatch, caplog):
 @pytest.mark.parametrize("runtime", rt.AUTO_ORDER)
 def test_explicit_missing_runtime_is_an_error(monkeypatch, runtime):
     _hide_runtimes(monkeypatch, runtime)
+    monkeypatch.setattr(rt, "_COMPILED", {})
     with pytest.raises(rt.RuntimeUnavailableError, match=rf"{runtime!r} is not installed.*pip install {runtime}"):
         frozen_backbone("efficientnet-lite0", resolution=RES, runtime=runtime)
 

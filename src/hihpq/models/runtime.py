@@ -62,6 +62,9 @@ EXPORT_FORMAT_VERSION = 1
 
 _PIP = {"openvino": "openvino", "onnxruntime": "onnxruntime onnx onnxscript"}
 
+#: Compiled backbones of this process by their settings: a service encoding request by request compiles once.
+_COMPILED: dict[tuple[Any, ...], CompiledBackbone] = {}
+
 
 class RuntimeUnavailableError(ImportError):
     """The requested inference runtime is not installed; the message says what to install."""
@@ -242,6 +245,14 @@ class CompiledBackbone(nn.Module):
             out = self._session.run(None, {"images": images})[0]
         return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
 
+    def for_inference(self) -> CompiledBackbone:
+        """Already the inference form (the torch Backbone's interface)."""
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """None: a compiled backbone is frozen."""
+        return []
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, resolution={self.resolution}, runtime={self.runtime_id}, threads={self.threads}"
 
@@ -279,6 +290,21 @@ def compile_backbone(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_runtime_dir()
     path = _cached_export(reference, int(resolution), runtime, key_fields, root)
     return CompiledBackbone(backbone, int(resolution), runtime, precision, path)
+
+
+def _memo_key(name: str, weights: Any, resolution: int, runtime: str, precision: str, cache_dir: Any) -> tuple | None:
+    """Settings that identify a compiled backbone within this process; None (no reuse) for random weights."""
+    if weights is None:
+        return None
+    ident: Any = weights
+    if weights != "default":
+        try:
+            st = Path(weights).expanduser().stat()
+        except OSError:
+            return None  # build_backbone reports the missing file
+        ident = (str(Path(weights).expanduser().resolve()), st.st_size, st.st_mtime_ns)
+    root = str(Path(cache_dir).expanduser() if cache_dir is not None else default_runtime_dir())
+    return (str(name).lower(), ident, int(resolution), runtime, precision, root)
 
 
 def frozen_backbone(
@@ -321,6 +347,9 @@ def frozen_backbone(
         return build_backbone(name, weights=weights).to(device)
     if not on_cpu:
         raise ValueError(f"backbone.runtime {runtime!r} runs on the CPU; use runtime 'torch' on device {device}")
+    memo_key = _memo_key(name, weights, resolution, runtime, precision, cache_dir)
+    if memo_key is not None and memo_key in _COMPILED:
+        return _COMPILED[memo_key]
     backbone = build_backbone(name, weights=weights)
     candidates = AUTO_ORDER if runtime == "auto" else (runtime,)
     if precision == "bf16":
@@ -328,11 +357,15 @@ def frozen_backbone(
     problems = []
     for candidate in candidates:
         try:
-            return compile_backbone(backbone, resolution, candidate, precision, cache_dir)
+            compiled = compile_backbone(backbone, resolution, candidate, precision, cache_dir)
         except Exception as exc:  # missing package or a failed export: "auto" tries the next one
             if runtime != "auto":
                 raise
             problems.append(f"{candidate}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        if memo_key is not None:
+            _COMPILED[memo_key] = compiled
+        return compiled
     if precision != "fp32":
         raise RuntimeUnavailableError(f"precision {precision} needs OpenVINO: {'; '.join(problems)}")
     log.warning(
