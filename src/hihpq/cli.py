@@ -1,4 +1,4 @@
-"""Command line: ``hihpq train | evaluate | encode | search | index info | configs | demo | bench | report``.
+"""Command line: ``hihpq train | evaluate | encode | search | serve | index info | configs | demo | bench | report``.
 
 Every command that produces results writes ``run.json`` (config, seed, versions, git commit) beside them.
 """
@@ -53,28 +53,38 @@ def cmd_configs(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from hihpq import distributed
     from hihpq import pipeline as P
     from hihpq.train import Trainer
 
     cfg = _load(args)
     out = Path(args.out or f"runs/{cfg.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    # under torchrun: join the other processes; each GPU process gets cuda:LOCAL_RANK
+    ctx, device = distributed.init_from_env(cfg.train.device)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    cfg.train.device = device
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
-    if online:
-        prep = P.prepare_online(cfg)
-        in_dim, source = prep.in_dim, prep.source
-    else:
-        prep = P.prepare_features(cfg)
-        in_dim, source = prep.clean.shape[1], prep.train_source()
+    with distributed.main_first():  # rank 0 fills the feature cache, the others read it
+        if online:
+            prep = P.prepare_online(cfg)
+            in_dim, source = prep.in_dim, prep.source
+        else:
+            prep = P.prepare_features(cfg, progress=ctx.is_main)
+            in_dim, source = prep.clean.shape[1], prep.train_source()
     t_feat = time.perf_counter() - t0
-    print(prep.split.summary())
+    if ctx.is_main:
+        print(prep.split.summary())
     model = P.build_model(cfg, in_dim, backbone=prep.backbone if online else None)
-    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg), out_dir=out)
+    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=ctx.is_main), out_dir=out)
     trainer.fit(source, resume=args.resume)
     t_train = time.perf_counter() - t0 - t_feat
+    distributed.shutdown()
+    if not ctx.is_main:  # rank 0 alone saves, evaluates and reports
+        return 0
     P.save_model(out / "model.pt", model, cfg, in_dim)
     record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
     if not args.no_eval:
@@ -110,17 +120,24 @@ def cmd_encode(args) -> int:
     from hihpq import pipeline as P
     from hihpq.index import write_index
 
+    if args.shard and not args.images:
+        raise ValueError("--shard needs --images FOLDER (the protocol's database is encoded in one pass)")
     model, cfg, _ = P.load_model(args.model)
+    ids, shard_meta, out = None, {}, Path(args.out)
     if args.images:
         paths = P.list_images(args.images)
+        if args.shard:  # this process's slice of the sorted paths; ids stay global positions
+            from hihpq.index.shards import select_shard
+
+            paths, ids, shard_meta, out = select_shard(paths, args.shard, args.out)
         emb = P.embed_images(model, cfg, paths)
         names = [str(p) for p in paths]
     else:
         split, _, emb = P.protocol_embeddings(model, cfg, args.data)
         names = [split.dataset.describe(int(i)) for i in split.database]
-    index = P.build_index(model, emb, metric=args.metric)
-    write_index(index, args.out, item_names=names, metadata={"model": str(Path(args.model).resolve())})
-    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
+    index = P.build_index(model, emb, ids=ids, metric=args.metric)
+    write_index(index, out, item_names=names, metadata={"model": str(Path(args.model).resolve()), **shard_meta})
+    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {out}")
     return 0
 
 
@@ -142,6 +159,23 @@ def cmd_search(args) -> int:
         for rank, (d, i, name) in enumerate(zip(drow, irow, names, strict=True), 1):
             if i >= 0:
                 print(f"  {rank:3d}  id={i:<8d} d={d:.4f}  {name}")
+    return 0
+
+
+def cmd_index_merge(args) -> int:
+    from hihpq.index.shards import merge_index_files
+
+    summary = merge_index_files(args.out, args.shards)
+    print(f"merged {summary['n_files']} files: {summary['n_items']} codes in {summary['out']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from hihpq.service import serve
+
+    options = {"device": args.device, "k": args.k, "k_max": max(args.k, 100), "max_upload_mb": args.max_upload_mb}
+    options["threads"] = args.threads
+    serve(args.index, args.model, host=args.host, port=args.port, **options)
     return 0
 
 
@@ -226,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="an image folder to encode (default: the protocol's database)")
     p.add_argument("--data")
     p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="encode only shard I (0-based) of N contiguous shards of the sorted --images files, into "
+        "OUT-IIIII-of-NNNNN; 'auto' takes I/N from torchrun (RANK/WORLD_SIZE); join with `hihpq index merge`",
+    )
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("search", help="search an index with query images")
@@ -235,11 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="run directory (default: the one recorded in the index)")
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("serve", help="serve an index over HTTP: search API and web page (needs hihpq[serve])")
+    p.add_argument("index")
+    p.add_argument("--model", help="run directory or model.pt (default: the one recorded in the index)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    p.add_argument("-k", type=int, default=10, help="results per search unless the request says (default 10)")
+    p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--threads", type=int, help="torch threads of the model (default: the usable cores)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("index", help="index file tools")
     isub = p.add_subparsers(dest="index_command", required=True)
     pi = isub.add_parser("info", help="describe an index file")
     pi.add_argument("index")
     pi.set_defaults(func=cmd_index_info)
+    pm = isub.add_parser("merge", help="join index shard files (from encode --shard) into one index")
+    pm.add_argument("out", help="merged index file to write")
+    pm.add_argument("shards", nargs="+", help="the shard files, every one exactly once")
+    pm.set_defaults(func=cmd_index_merge)
 
     p = sub.add_parser("demo", help="train, encode and evaluate on a reduced CIFAR-10 (II); compare with PCA+PQ")
     p.add_argument("--data", help="folder holding CIFAR-10 (else $HIHPQ_DATA, else download, else digits)")
