@@ -162,3 +162,13 @@ def test_bad_runtime_settings_are_refused(kwargs, message):
 def test_trainable_backbone_is_not_exported():
     with pytest.raises(ValueError, match="only a frozen backbone"):
         rt.compile_backbone(build_backbone("efficientnet-lite0", weights=None, trainable=True), RES, "openvino")
+
+
+def test_weights_hash_follows_every_value_of_any_module():
+    """BatchNorm counters (0-d int64) and bf16 tensors hash too; one changed value changes the hash."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 2).bfloat16())
+    before = rt._weights_hash(net)
+    assert rt._weights_hash(net) == before
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] += 1e-3
+    assert rt._weights_hash(net) != before
