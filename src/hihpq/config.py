@@ -43,6 +43,10 @@ class BackboneConfig:
     weights: str | None = "default"  # "default", a file path, or null for random init
     resolution: int = 112
     trainable: bool = False  # frozen backbones train from the feature cache
+    # Inference runtime of a frozen backbone (hihpq.models.runtime): auto = OpenVINO / ONNX Runtime when installed,
+    # else PyTorch; each runtime and precision has its own feature caches. fp32 matches PyTorch to ~1e-5.
+    runtime: str = "auto"  # auto | torch | openvino | onnxruntime
+    precision: str = "fp32"  # fp32 | bf16 (OpenVINO on CPUs with bf16 support)
 
 
 @dataclass
