@@ -43,6 +43,10 @@ class BackboneConfig:
     weights: str | None = "default"  # "default", a file path, or null for random init
     resolution: int = 112
     trainable: bool = False  # frozen backbones train from the feature cache
+    # Inference runtime of a frozen backbone (hihpq.models.runtime): auto = OpenVINO / ONNX Runtime when installed,
+    # else PyTorch; each runtime and precision has its own feature caches. fp32 matches PyTorch to ~1e-5.
+    runtime: str = "auto"  # auto | torch | openvino | onnxruntime
+    precision: str = "fp32"  # fp32 | bf16 (OpenVINO on CPUs with bf16 support)
 
 
 @dataclass
@@ -305,6 +309,8 @@ SCHEMA: dict[str, Spec] = {
     "backbone.weights": _str(none=True),
     "backbone.resolution": _int(8, 4096),
     "backbone.trainable": Spec("bool", or_str=True),
+    "backbone.runtime": _str("auto", "torch", "openvino", "onnxruntime"),  # hihpq.models.runtime.RUNTIMES
+    "backbone.precision": _str("fp32", "bf16"),
     "features.n_views": _int(2),  # two different views per image per step
     "features.batch_size": _int(1),
     "features.num_workers": _int(0, none=True),

@@ -333,13 +333,20 @@ def prepare_features(
 ) -> PreparedFeatures:
     """Compute (or read from the cache) backbone features for a frozen-backbone run."""
     from hihpq.data import AugmentConfig, FeatureCache, extract_clean_features, extract_view_features
-    from hihpq.models import build_backbone
+    from hihpq.models import frozen_backbone
 
     if cfg.backbone.trainable:
         raise ValueError("the feature cache needs a frozen backbone (backbone.trainable=false)")
     split = split if split is not None else make_split(cfg, data_dir)
     device = cfg.train.device
-    backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights).to(device)
+    backbone = frozen_backbone(
+        cfg.backbone.name,
+        cfg.backbone.weights,
+        cfg.backbone.resolution,
+        cfg.backbone.runtime,
+        cfg.backbone.precision,
+        device,
+    )
     cache = FeatureCache(cfg.features.cache_dir)
     used = np.unique(np.concatenate([split.query, split.database, split.train]))
     common = {"batch_size": cfg.features.batch_size, "device": device, "cache": cache, "progress": progress}
@@ -409,11 +416,22 @@ def _embed_clean_images(model: HiHPQ, cfg: Config, dataset, indices=None, progre
     """Clean view of ``dataset[indices]`` through the model's own backbone (end-to-end models) or the config's frozen
     one, then the head: (embeddings (n, M, D), the extracted features with their skip report)."""
     from hihpq.data import extract_clean_features
-    from hihpq.models import build_backbone
+    from hihpq.models import frozen_backbone
 
     trained = model.backbone is not None
     device = next(model.parameters()).device
-    backbone = model.backbone if trained else build_backbone(cfg.backbone.name, weights=cfg.backbone.weights).to(device)
+    backbone = (
+        model.backbone
+        if trained
+        else frozen_backbone(
+            cfg.backbone.name,
+            cfg.backbone.weights,
+            cfg.backbone.resolution,
+            cfg.backbone.runtime,
+            cfg.backbone.precision,
+            device,
+        )
+    )
     kw = {} if cfg.features.num_workers is None else {"num_workers": cfg.features.num_workers}
     feats = extract_clean_features(
         backbone,

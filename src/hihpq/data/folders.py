@@ -67,6 +67,8 @@ class ImageSource(torch.utils.data.Dataset):
 
     #: size of the grey placeholder substituted for an unreadable image (before the transform)
     placeholder_size: tuple[int, int] = (32, 32)
+    #: decode JPEG files at a reduced scale keeping both sides >= this (PIL draft; much faster on photos); None: full
+    draft_size: int | None = None
 
     def __init__(self, labels: np.ndarray, transform: Callable[[Image.Image], Any] | None = None) -> None:
         self.labels = labels
@@ -115,12 +117,13 @@ MAX_PIXELS = 64_000_000
 MAX_ASPECT = 100.0
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def _open_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB in memory; every problem becomes UnreadableImageError.
 
     Only regular files are opened (a FIFO named x.png would block forever), without blocking; images over
     :data:`MAX_PIXELS` or :data:`MAX_ASPECT` are refused before decoding; 16-bit and float images are scaled to
-    8 bits (PIL's own conversion clips them to near-constant images).
+    8 bits (PIL's own conversion clips them to near-constant images). ``draft_size``: JPEGs are decoded at a
+    reduced scale (1/2, 1/4 or 1/8) no smaller than this.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -140,6 +143,8 @@ def _open_rgb(path: Path) -> Image.Image:
                             f"{_name(path)}: {w} x {h} pixels is beyond the bounds "
                             f"({MAX_PIXELS:,} pixels, aspect ratio {MAX_ASPECT:g})"
                         )
+                    if draft_size and img.format == "JPEG":
+                        img.draft("RGB", (draft_size, draft_size))  # JPEG scaled decoding: 1/2, 1/4 or 1/8
                     img.load()
                     if img.mode == "P" and "transparency" in img.info:
                         return img.convert("RGBA").convert("RGB")
@@ -218,7 +223,7 @@ class ImageDataset(ImageSource):
         return _name(self.full_path(index))
 
     def load(self, index: int) -> Image.Image:
-        return _open_rgb(self.full_path(index))
+        return _open_rgb(self.full_path(index), self.draft_size)
 
     def identity(self) -> dict[str, Any]:
         """Root + hash of the path list and the file sizes (a replaced file changes the identity).
