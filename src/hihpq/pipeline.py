@@ -298,7 +298,7 @@ class PreparedFeatures:
     clean: np.ndarray  # (n_used, F) float16, rows follow ``used``
     used: np.ndarray  # sorted pool indices with a clean row
     views: np.ndarray  # (n_train, V, F) float16, rows follow split.train
-    n_skipped: int  # unreadable images (placeholder features; left out of training)
+    n_skipped: int  # unreadable images (left out of every set: split.without, train_valid)
     train_valid: np.ndarray | None = None  # (n_train,) False for unreadable training images
 
     def clean_of(self, pool_idx: np.ndarray) -> np.ndarray:
@@ -364,6 +364,8 @@ def prepare_features(
         **common,
     )
     train_valid = views.valid & clean.valid[np.searchsorted(used, split.train)]
+    # issue 13: unreadable images leave the query and database sets (training ones are masked by train_valid)
+    split = split.without(used[~clean.valid], sets=("query", "database"))
     return PreparedFeatures(split, clean.features, used, views.features, clean.n_skipped, train_valid)
 
 
@@ -470,14 +472,14 @@ def _head(model: HiHPQ) -> HiHPQ:
 # ------------------------------------------------------------------------------------------- loose images
 def list_images(path: str | Path) -> list[Path]:
     """One image file, or every image file below a folder (sorted)."""
-    from hihpq.data.folders import IMAGE_EXTENSIONS
+    from hihpq.data.folders import IMAGE_EXTENSIONS, walk_image_files
 
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither an image file nor a folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = walk_image_files(path)  # issue 13: links followed once per real file, FIFOs left out
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     return files
