@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import write_colour_folder
-from hihpq import pipeline as P
 from hihpq.benchmark import METHODS, curve_ks
+from hihpq.build import build_model
 from hihpq.config import load_config
+from hihpq.evaluation import evaluate_prepared
 from hihpq.geometry import lorentz as L
 from hihpq.hierarchy import HierarchicalClustering
 from hihpq.metrics import pr_curve
@@ -245,7 +246,7 @@ def _model(geometry: str = "lorentz", feature_dim: int = 16, in_dim: int = 12):
             "projector.hidden=32",
         ],
     )
-    return P.build_model(cfg, in_dim)
+    return build_model(cfg, in_dim)
 
 
 def _features(n: int = 120, in_dim: int = 12):
@@ -354,9 +355,9 @@ def test_write_report_writes_tables_and_plots(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- hihpq bench
-def test_benchmark_evaluation_matches_the_pipeline_one():
-    """The benchmark evaluates from the pipeline's pieces to keep the ranked lists: same figures as
-    pipeline.evaluate_prepared, and curves that agree with its precision@k."""
+def test_benchmark_evaluation_matches_the_library_one():
+    """The benchmark evaluates from the library's pieces to keep the ranked lists: same figures as
+    evaluation.evaluate_prepared, and curves that agree with its precision@k."""
     from types import SimpleNamespace
 
     from hihpq.benchmark import evaluate_learned
@@ -367,7 +368,7 @@ def test_benchmark_evaluation_matches_the_pipeline_one():
         queries=x[:30], database=x[30:], split=SimpleNamespace(query_labels=labels[:30], database_labels=labels[30:])
     )
     ours = evaluate_learned(model, prep, topk=25)
-    ref = P.evaluate_prepared(model, prep, 25)
+    ref = evaluate_prepared(model, prep, 25)
     assert ours["map_at_25"] == ref["map_at_25"] and ours["precision_at"] == ref["precision_at"]
     ks, prec = ours["precision_curve"]["ks"], ours["precision_curve"]["precision"]
     assert ks == ours["pr_curve"]["ks"] and ks[-1] == 25

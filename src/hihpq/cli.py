@@ -1,4 +1,4 @@
-"""Command line: ``hihpq train | evaluate | encode | search | index info | configs | demo | bench | report``.
+"""Command line: ``hihpq train | evaluate | encode | search | index info|add|remove | configs | demo | bench | report``.
 
 Every command that produces results writes ``run.json`` (config, seed, versions, git commit) beside them.
 """
@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
-from hihpq.config import ConfigError, builtin_configs, load_config, save_config
-from hihpq.runinfo import run_record, seed_everything, write_json
+from hihpq.config import ConfigError, builtin_configs, load_config
+from hihpq.runinfo import run_record, write_json
 
 log = logging.getLogger("hihpq")
 
@@ -38,6 +37,14 @@ def _add_override_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args) -> object:
     overrides = list(args.overrides)
+    if getattr(args, "images", None):
+        overrides += ["data.dataset=images", f"data.root={args.images}"]
+    if getattr(args, "eval_labels", None):
+        overrides.append(f"data.eval_labels={args.eval_labels}")
+    if args.config is None:
+        if not getattr(args, "images", None):
+            raise ConfigError("give a config (see `hihpq configs`) or --images DIR")
+        args.config = "photos"
     if getattr(args, "device", None):
         overrides.append(f"train.device={args.device}")
     if getattr(args, "data", None):
@@ -53,88 +60,87 @@ def cmd_configs(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from hihpq import pipeline as P
-    from hihpq.train import Trainer
+    from hihpq.train_run import train_run
 
     cfg = _load(args)
-    out = Path(args.out or f"runs/{cfg.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    seed_everything(cfg.seed)
-    t0 = time.perf_counter()
-    online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
-    if online:
-        prep = P.prepare_online(cfg)
-        in_dim, source = prep.in_dim, prep.source
-    else:
-        prep = P.prepare_features(cfg)
-        in_dim, source = prep.clean.shape[1], prep.train_source()
-    t_feat = time.perf_counter() - t0
-    print(prep.split.summary())
-    model = P.build_model(cfg, in_dim, backbone=prep.backbone if online else None)
-    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg), out_dir=out)
-    trainer.fit(source, resume=args.resume)
-    t_train = time.perf_counter() - t0 - t_feat
-    P.save_model(out / "model.pt", model, cfg, in_dim)
-    record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
-    if not args.no_eval:
-        if online:
-            scores = P.evaluate_online(model, prep.split, cfg, cfg.eval.topk, cfg.eval.metric)
-        else:
-            scores = P.evaluate_prepared(model, prep, cfg.eval.topk, cfg.eval.metric)
-        record["eval"] = scores
-        print(f"mAP@{cfg.eval.topk} = {scores[f'map_at_{cfg.eval.topk}']:.4f}")
-    write_json(out / "run.json", record)
+    out = train_run(cfg, args.out, resume=args.resume, evaluate=not args.no_eval)
     print(f"model, log and run record in {out}/")
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from hihpq import pipeline as P
+def _run_config(loaded, args):
+    """The training config a model file records (provenance), for the protocol it is evaluated on."""
+    from hihpq.config import from_dict
 
-    model, cfg, _ = P.load_model(args.model)
-    split, q_emb, db_emb = P.protocol_embeddings(model, cfg, args.data)
+    recorded = loaded.provenance.get("config")
+    if not recorded:
+        raise ValueError(f"{loaded.path} records no training config: evaluate it with the Python API")
+    cfg = from_dict(recorded)
+    if getattr(args, "device", None):
+        cfg.train.device = args.device
+    return cfg
+
+
+def cmd_evaluate(args) -> int:
+    from hihpq import evaluation as E
+    from hihpq.models.io import load_model
+
+    loaded = load_model(args.model, device=args.device or "cpu")
+    cfg = _run_config(loaded, args)
+    split, q_emb, db_emb = E.protocol_embeddings(loaded, cfg, args.data)
+    if not len(split.query):
+        raise ValueError("the model's images have no labels: nothing to evaluate (train with --eval-labels FILE)")
     topk = args.topk or cfg.eval.topk
-    ranked, info, index = P.rank_embedded(model, q_emb, db_emb, topk, args.metric or cfg.eval.metric)
-    scores = {**P.retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
+    ranked, info, index = E.rank_embedded(loaded.model, q_emb, db_emb, topk, args.metric or cfg.eval.metric)
+    scores = {**E.retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
     print(f"{split.summary()}\nmAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
     out = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     write_json(out / "eval.json", run_record(cfg.to_dict(), cfg.seed, eval=scores))
     if args.save_codes:
-        P.save_retrieval(args.save_codes, index, q_emb, ranked, split, topk, scores[f"map_at_{topk}"])
+        E.save_retrieval(args.save_codes, index, q_emb, ranked, split, topk, scores[f"map_at_{topk}"])
         print(f"codes, query embeddings, codebooks and rankings in {args.save_codes}")
     return 0
 
 
 def cmd_encode(args) -> int:
-    from hihpq import pipeline as P
+    from hihpq import evaluation as E
+    from hihpq.encoder import Encoder
     from hihpq.index import write_index
 
-    model, cfg, _ = P.load_model(args.model)
+    enc = Encoder.load(args.model, device=args.device)
     if args.images:
-        paths = P.list_images(args.images)
-        emb = P.embed_images(model, cfg, paths)
-        names = [str(p) for p in paths]
+        from hihpq.data.prepare import list_images
+
+        paths = [p.absolute() for p in list_images(args.images)]
+        index = enc.index(paths, metric=args.metric, progress=True)
     else:
-        split, _, emb = P.protocol_embeddings(model, cfg, args.data)
+        cfg = _run_config(enc.model_file, args)
+        split, _, emb = E.protocol_embeddings(enc.model_file, cfg, args.data)
         names = [split.dataset.describe(int(i)) for i in split.database]
-    index = P.build_index(model, emb, metric=args.metric)
-    write_index(index, args.out, item_names=names, metadata={"model": str(Path(args.model).resolve())})
+        index = E.build_index(enc.model_file.model, emb, metric=args.metric)
+        index.user_metadata = {**index.user_metadata, **enc.index_metadata()}
+        write_index(index, args.out, item_names=names)
+        print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
+        return 0
+    write_index(index, args.out)
     print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
     return 0
 
 
 def cmd_search(args) -> int:
-    from hihpq import pipeline as P
+    from hihpq.data.prepare import list_images
+    from hihpq.encoder import Encoder
     from hihpq.index import read_index
+    from hihpq.index_update import check_model
 
-    index, meta = read_index(args.index, return_metadata=True)
-    model_path = args.model or meta.get("metadata", {}).get("model")
+    index = read_index(args.index)
+    model_path = args.model or index.user_metadata.get("model")
     if not model_path:
-        raise SystemExit("this index records no model; pass --model RUN_DIR")
-    model, cfg, _ = P.load_model(model_path)
-    queries = P.list_images(args.query)
-    emb = P.embed_images(model, cfg, queries)
+        raise ValueError("this index records no model; pass --model RUN_DIR")
+    enc = Encoder.load(model_path, device=args.device)
+    check_model(args.index, index.user_metadata, enc)
+    queries = list_images(args.query)
+    emb = enc.embed(queries)
     D, I = index.search(emb, args.k)
     for q, drow, irow in zip(queries, D, I, strict=True):
         print(f"query {q}")
@@ -142,6 +148,25 @@ def cmd_search(args) -> int:
         for rank, (d, i, name) in enumerate(zip(drow, irow, names, strict=True), 1):
             if i >= 0:
                 print(f"  {rank:3d}  id={i:<8d} d={d:.4f}  {name}")
+    return 0
+
+
+def cmd_index_add(args) -> int:
+    from hihpq.index_update import add_images
+
+    counts = add_images(args.index, args.images, model=args.model, device=args.device)
+    print(
+        f"added {counts['added']} image(s) to {args.index}; {counts['already_present']} already there, "
+        f"{counts['unreadable']} unreadable"
+    )
+    return 0
+
+
+def cmd_index_remove(args) -> int:
+    from hihpq.index_update import remove_items
+
+    removed = remove_items(args.index, ids=args.ids, paths=args.paths)
+    print(f"removed {removed} item(s) from {args.index}")
     return 0
 
 
@@ -201,7 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("train", help="train HiHPQ on a protocol (cached frozen-backbone views, or end to end)")
-    _add_config_args(p)
+    p.add_argument("config", nargs="?", help="built-in config name (see `hihpq configs`) or a YAML file")
+    _add_override_args(p)
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="train on every image below DIR (no labels needed; config default: photos); sets data.dataset=images",
+    )
+    p.add_argument("--eval-labels", metavar="FILE.csv", help="with --images: path,label lines enabling evaluation")
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--no-eval", action="store_true", help="skip the retrieval evaluation after training")
@@ -212,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--topk", type=int)
     p.add_argument("--metric", choices=["adc", "sdc"])
+    p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument(
         "--save-codes",
         metavar="FILE.npz",
@@ -226,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="an image folder to encode (default: the protocol's database)")
     p.add_argument("--data")
     p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
+    p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("search", help="search an index with query images")
@@ -233,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, help="an image or a folder of images")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--model", help="run directory (default: the one recorded in the index)")
+    p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("index", help="index file tools")
@@ -240,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     pi = isub.add_parser("info", help="describe an index file")
     pi.add_argument("index")
     pi.set_defaults(func=cmd_index_info)
+    pa = isub.add_parser("add", help="encode images with the index's own model and append them (atomic)")
+    pa.add_argument("index")
+    pa.add_argument("--images", required=True, help="an image or a folder; paths already in the index are skipped")
+    pa.add_argument("--model", help="run directory (default: the one recorded in the index; must be that model)")
+    pa.add_argument("--device", help="cpu (default) or cuda[:N]")
+    pa.set_defaults(func=cmd_index_add)
+    pr = isub.add_parser("remove", help="remove items by path or id (atomic)")
+    pr.add_argument("index")
+    which = pr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--paths", nargs="+", help="image paths as added (relative ones are made absolute)")
+    which.add_argument("--ids", nargs="+", type=int)
+    pr.set_defaults(func=cmd_index_remove)
 
     p = sub.add_parser("demo", help="train, encode and evaluate on a reduced CIFAR-10 (II); compare with PCA+PQ")
     p.add_argument("--data", help="folder holding CIFAR-10 (else $HIHPQ_DATA, else download, else digits)")

@@ -1,6 +1,6 @@
 """Run configuration: YAML files of sections, each section holding the arguments of one part of the pipeline.
 
-Configuration lives at the edges: library classes never see this object; :mod:`hihpq.pipeline` unpacks each
+Configuration lives at the edges: library classes never see this object; :mod:`hihpq.build` unpacks each
 section into the constructor it belongs to. Unknown keys and impossible values are refused before any work starts.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("cifar10", "folder", "flickr25k", "nuswide", "digits")
+DATASETS = ("cifar10", "folder", "flickr25k", "nuswide", "digits", "images")
 
 
 class ConfigError(ValueError):
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | folder | flickr25k | nuswide | digits
+    dataset: str = "cifar10"  # cifar10 | folder | flickr25k | nuswide | digits | images
     protocol: str = "II"  # cifar10 only: I or II
     root: str | None = None  # dataset location; cifar10 falls back to $HIHPQ_DATA
     split_seed: int = 2021
@@ -35,6 +35,7 @@ class DataConfig:
     lists: str | None = None  # flickr25k / nuswide: folder of the list files
     n_query: int | None = None  # folder / flickr25k: number of queries (default 2,000 for flickr25k)
     n_train: int | None = None  # folder / flickr25k: training images drawn from the database
+    eval_labels: str | None = None  # images: CSV of path,label enabling the evaluation
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""One training run from a Config: data -> features -> trained model -> model file, config.yaml and run.json.
+
+What ``hihpq train`` runs, callable from Python::
+
+    from hihpq import load_config, train_run
+    run_dir = train_run(load_config("photos", ["data.root=my_photos"]), "runs/photos")
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from hihpq.config import Config, save_config
+from hihpq.runinfo import run_record, seed_everything, write_json
+
+__all__ = ["train_run"]
+
+
+def train_run(
+    cfg: Config,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+    data_dir: str | None = None,
+) -> Path:
+    """Train the model of ``cfg`` into ``out`` (default ``runs/<name>``) and return that folder.
+
+    Writes ``model.pt`` (see :mod:`hihpq.models.io`), ``config.yaml`` (the run's config, hierarchy sizes resolved),
+    ``checkpoint.pt`` / ``log.csv`` / ``log.json`` (the trainer's) and ``run.json`` (record, timings and, when the
+    data has labels and ``evaluate``, the retrieval figures).
+    """
+    from hihpq.build import build_loss, build_model, train_settings
+    from hihpq.data.prepare import auto_levels, prepare_features, prepare_online
+    from hihpq.evaluation import evaluate_online, evaluate_prepared
+    from hihpq.models.io import save_model
+    from hihpq.train import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    out = Path(out or f"runs/{cfg.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")  # the record of a run that fails below as well
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
+    if online:
+        prep = prepare_online(cfg, data_dir=data_dir)
+        in_dim, source = prep.in_dim, prep.source
+    else:
+        prep = prepare_features(cfg, data_dir=data_dir, progress=progress)
+        in_dim, source = prep.clean.shape[1], prep.train_source()
+    t_feat = time.perf_counter() - t0
+    if not cfg.hierarchy.levels:  # sizes follow the number of training images (README: training on photos)
+        cfg.hierarchy.levels = auto_levels(len(prep.split.train) - prep.n_skipped)
+    save_config(cfg, out / "config.yaml")
+    print(prep.split.summary())
+    model = build_model(cfg, in_dim, backbone=prep.backbone if online else None)
+    trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=progress), out_dir=out)
+    trainer.fit(source, resume=resume)
+    t_train = time.perf_counter() - t0 - t_feat
+    save_model(
+        out / "model.pt",
+        model,
+        backbone=None if online else prep.backbone,
+        resolution=cfg.backbone.resolution,
+        provenance={"config": cfg.to_dict()},
+    )
+    record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
+    if evaluate and len(prep.split.query):
+        topk = min(cfg.eval.topk, len(prep.split.database))
+        if online:
+            kw = {"batch_size": cfg.features.batch_size, "num_workers": cfg.features.num_workers}
+            scores = evaluate_online(model, prep.split, cfg.backbone.resolution, topk, cfg.eval.metric, **kw)
+        else:
+            scores = evaluate_prepared(model, prep, topk, cfg.eval.metric)
+        record["eval"] = scores
+        print(f"mAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
+    elif evaluate:
+        print("no evaluation: the images have no labels (pass --eval-labels FILE.csv or use class sub-folders)")
+    write_json(out / "run.json", record)
+    return out
