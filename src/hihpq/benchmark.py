@@ -235,7 +235,7 @@ def write_grid_report(out: str | Path, title: str | None = None) -> list[Path]:
 def plot_model_poincare(model, cfg: Config, prep: PreparedFeatures, path: str | Path) -> Path:
     """Subspace 1 of a trained model on the Poincare disk: up to 2,000 training images coloured by class, the
     codewords and the prototypes of a hierarchy fitted (with the config's levels) on all training images."""
-    from hihpq.report import plot_poincare
+    from hihpq.report_plots import plot_poincare
 
     split = prep.split
     levels = [n for n in cfg.hierarchy.levels if n <= len(split.train)]

@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="an even smaller run (a minute or two)")
     p.set_defaults(func=cmd_demo)
 
-    from hihpq.report import METHOD_NAMES  # the names of benchmark.METHODS, without importing the training code
+    from hihpq.report_tables import METHOD_NAMES  # the names of benchmark.METHODS, without importing the training code
 
     p = sub.add_parser(
         "bench",

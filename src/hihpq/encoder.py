@@ -222,8 +222,8 @@ class Encoder:
     ):
         """A :class:`~hihpq.index.HyperbolicPQIndex` of ``images`` under this model's codebooks.
 
-        Item metadata: ``metadata`` when given, else the image paths when ``images`` are paths (a folder: its
-        files). The index's user metadata records this model's fingerprint and file, which ``hihpq search`` and
+        Item metadata: ``metadata`` when given, else the absolute image paths when ``images`` are paths (a folder:
+        its files). The index's user metadata records this model's fingerprint and file, which ``hihpq search`` and
         ``hihpq index add`` check. ``kw``: the keywords of :meth:`embed` (with ``on_error="skip"`` the skipped
         inputs get no item, and ``ids`` / ``metadata`` must then be None).
         """
@@ -234,8 +234,8 @@ class Encoder:
         if self.skipped and (ids is not None or metadata is not None):
             raise ValueError(f"{len(self.skipped)} input(s) were skipped: ids / metadata no longer line up")
         if metadata is None and isinstance(items, list) and items and all(isinstance(p, _PathLike) for p in items):
-            skipped = set(self.skipped)
-            metadata = [str(p) for p in items if str(p) not in skipped]
+            skipped = set(self.skipped)  # stored as absolute paths: what `hihpq index add` compares
+            metadata = [str(Path(p).absolute()) for p in items if str(p) not in skipped]
         index = HyperbolicPQIndex.from_quantizer(self.quantizer, metric=metric)
         from hihpq.evaluation import encode_embeddings
 
