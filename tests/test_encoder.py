@@ -172,6 +172,8 @@ def test_index_records_the_model_and_search_refuses_another(photos, tmp_path, ca
     train_run(load_config(str(config), ["train.epochs=1"]), run, progress=False)
     index = tmp_path / "photos.hpq"
     assert main(["encode", str(run), "--images", str(root), "--out", str(index)]) == 0
+    assert "skipped 1 unreadable" in capsys.readouterr().out  # the corrupt file
+    assert read_index(index).ntotal == 36
     meta = read_index(index).user_metadata
     assert meta["model_fingerprint"] == Encoder.load(run).fingerprint and meta["model"] == str(run.resolve())
     query = next((root / "2024" / "trip" / "red").glob("*.png"))
@@ -202,8 +204,8 @@ def test_index_add_skips_present_paths_and_remove_is_by_path_or_id(photos, tmp_p
     names = after.get_metadata(after.ids)
     assert after.ntotal == 9 and len(set(names)) == 9
     assert after.user_metadata["model_fingerprint"] == enc.fingerprint
-    _, ids = after.search(enc.embed(extra[2:]), 1)  # the added images are searchable: each finds itself
-    assert [after.get_metadata(r)[0] for r in ids] == [str(p.absolute()) for p in extra[2:]]
+    rows = [names.index(str(p.absolute())) for p in extra[2:]]  # the added images, under their own codes
+    np.testing.assert_array_equal(after.codes[rows], enc.encode(extra[2:]))
     assert add_images(path, extra, progress=False)["added"] == 0  # all present: nothing duplicated
     assert read_index(path).ntotal == 9
     assert main(["index", "remove", str(path), "--paths", str(red[0].absolute())]) == 0
@@ -262,3 +264,25 @@ def test_train_evaluate_encode_search_on_cuda(tmp_path, capsys):
     assert str(query) in capsys.readouterr().out
     enc = Encoder.load(run, device="cuda")
     np.testing.assert_allclose(enc.embed([query]), Encoder.load(run).embed([query]), atol=1e-3)
+
+
+def test_images_split_labels_from_csv_or_class_folders(tmp_path):
+    from hihpq.data.prepare import auto_levels, images_split
+
+    assert auto_levels(10_000) == [200, 100, 50] and auto_levels(300) == [6, 3, 2] and auto_levels(36) == [2]
+    flat = tmp_path / "flat"
+    write_colour_folder(flat / "a" / "b", per_class=4)  # nested deeper than root/<class>/<image>: unlabelled
+    split = images_split(flat)
+    assert len(split.train) == 12 and len(split.query) == 0 and len(split.database) == 12
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "path,label\n" + "".join(f"a/b/red/{k:03d}.png,warm\n" for k in range(4)) + "a/b/blue/000.png,cold\n"
+    )
+    split = images_split(flat, eval_labels=str(labels), n_query=2)
+    assert len(split.train) == 12 and len(split.query) == 2 and len(split.database) == 3  # labelled ones only
+    classes = write_colour_folder(tmp_path / "classes", per_class=5)  # root/<class>/<image>: labelled
+    split = images_split(classes)
+    assert len(split.query) == 1 and len(split.database) == 14 and sorted(set(split.labels.tolist())) == [0, 1, 2]
+    labels.write_text("a/b/red/999.png,warm\n")
+    with pytest.raises(ValueError, match="not an image under"):
+        images_split(flat, eval_labels=str(labels))

@@ -112,7 +112,10 @@ def cmd_encode(args) -> int:
         from hihpq.data.prepare import list_images
 
         paths = [p.absolute() for p in list_images(args.images)]
-        index = enc.index(paths, metric=args.metric, progress=True)
+        index = enc.index(paths, metric=args.metric, progress=True, on_error="skip")
+        if enc.skipped:
+            more = ", ..." if len(enc.skipped) > 5 else ""
+            print(f"skipped {len(enc.skipped)} unreadable image(s): {', '.join(enc.skipped[:5])}{more}")
     else:
         cfg = _run_config(enc.model_file, args)
         split, _, emb = E.protocol_embeddings(enc.model_file, cfg, args.data)
