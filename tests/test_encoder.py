@@ -175,7 +175,9 @@ def test_index_records_the_model_and_search_refuses_another(photos, tmp_path, ca
     assert "skipped 1 unreadable" in capsys.readouterr().out  # the corrupt file
     assert read_index(index).ntotal == 36
     meta = read_index(index).user_metadata
-    assert meta["model_fingerprint"] == Encoder.load(run).fingerprint and meta["model"] == str(run.resolve())
+    assert meta["model_fingerprint"] == Encoder.load(run).fingerprint and meta["model"] == str(
+        (run / "model.pt").resolve()
+    )
     query = next((root / "2024" / "trip" / "red").glob("*.png"))
     assert main(["search", str(index), "--query", str(query), "-k", "3"]) == 0
     capsys.readouterr()
@@ -286,3 +288,10 @@ def test_images_split_labels_from_csv_or_class_folders(tmp_path):
     labels.write_text("a/b/red/999.png,warm\n")
     with pytest.raises(ValueError, match="not an image under"):
         images_split(flat, eval_labels=str(labels))
+
+
+def test_train_needs_a_config_or_images(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "x")]) == 2
+    assert "give a config" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["train", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -235,8 +235,8 @@ def builtin_configs() -> list[str]:
 
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder called like a built-in config is not one
+        if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         text = path.read_text()
     else:
