@@ -18,7 +18,7 @@ from hihpq.cli import main
 from hihpq.config import load_config
 from hihpq.index import read_index, write_index
 from hihpq.models.io import ModelFileError, load_model
-from hihpq.train_run import train_run
+from hihpq.runs import train_run
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HIHPQ_CACHE", str(tmp_path / "cache"))  # the feature cache, not in the home folder
     photos = write_colour_folder(tmp_path / "photos" / "holidays", per_class=8)
     (tmp_path / "photos" / "query.jpg").write_bytes((photos / "blue" / "000.png").read_bytes())
-    exec(compile(code, str(README), "exec"), {"__name__": "quickstart"})
+    exec(compile(code, "<README.md quickstart>", "exec"), {"__name__": "quickstart"})
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().endswith((".png", ".jpg"))]
     assert len(lines) == 10
     assert lines[0].endswith("query.jpg") or "/blue/000.png" in lines[0]  # the query or its twin comes first

@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return Encoder
     if name == "train_run":
-        from hihpq.train_run import train_run
+        from hihpq.runs import train_run
 
         return train_run
     if name == "load_config":

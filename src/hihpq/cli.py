@@ -60,7 +60,7 @@ def cmd_configs(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from hihpq.train_run import train_run
+    from hihpq.runs import train_run
 
     cfg = _load(args)
     out = train_run(cfg, args.out, resume=args.resume, evaluate=not args.no_eval)
