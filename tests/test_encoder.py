@@ -237,10 +237,11 @@ def test_item_metadata_extend_and_take_keep_bytes(monkeypatch):
         grown = stored.extend(["d.jpg", "e/\u00fc.jpg"])
         taken = grown.take(np.array([4, 0, 2]))
         present = stored.contains(["c.gif", "x.gif", "b/\u00e9.png"])
+        rows = grown.positions_of(["d.jpg", "x.gif", "a/1.jpg"])
     assert grown._strings is None and taken._strings is None
     assert grown.as_list() == ["a/1.jpg", "b/\u00e9.png", "c.gif", "d.jpg", "e/\u00fc.jpg"]
     assert taken.as_list() == ["e/\u00fc.jpg", "a/1.jpg", "c.gif"]
-    assert present.tolist() == [True, False, True]
+    assert present.tolist() == [True, False, True] and rows.tolist() == [3, -1, 0]
 
 
 @pytest.mark.cuda

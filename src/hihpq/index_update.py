@@ -103,12 +103,10 @@ def remove_items(
         if index._meta is None:
             raise ValueError(f"{index_path} stores no item paths; remove by --ids")
         names = [str(Path(p).absolute()) for p in paths]
-        found = index._meta.contains(names)
-        if not found.all():
-            missing = [n for n, f in zip(names, found, strict=True) if not f]
+        rows = index._meta.positions_of(names)
+        if (rows < 0).any():
+            missing = [n for n, r in zip(names, rows, strict=True) if r < 0]
             raise ValueError(f"not in {index_path}: {', '.join(missing[:5])}")
-        wanted = set(names)
-        rows = [i for i, name in enumerate(index._meta) if name in wanted]
         ids = index.ids[rows]
     keys = np.asarray(ids, np.int64)
     missing = np.setdiff1d(keys, index.ids)

@@ -137,18 +137,27 @@ class _ItemMetadata:
             offsets=np.concatenate([offsets, offsets[-1] + new[0][1:]]), blob=np.concatenate([blob, new[1]])
         )
 
-    def contains(self, strings: Sequence[str]) -> np.ndarray:
-        """(n,) bool: which of ``strings`` are items already (compared as UTF-8 bytes, nothing decoded)."""
-        wanted = [s.encode("utf-8") for s in strings]
+    def positions_of(self, strings: Sequence[str]) -> np.ndarray:
+        """(n,) int64: the row of each of ``strings`` among the items (the first one), -1 when absent; compared
+        as UTF-8 bytes, nothing stored is decoded."""
         if self._strings is not None:
-            have = set(self._strings)
-            return np.array([s in have for s in strings], bool)
+            rows: dict = {}
+            for i, s in enumerate(self._strings):
+                rows.setdefault(s, i)
+            return np.array([rows.get(s, -1) for s in strings], np.int64)
+        wanted = [s.encode("utf-8") for s in strings]
         offsets = np.asarray(self._offsets, np.int64)
         lens = np.diff(offsets)
         candidates = np.flatnonzero(np.isin(lens, [len(w) for w in wanted]))  # only items of a wanted length
         blob = np.asarray(self._blob, np.uint8)
-        have = {blob[offsets[i] : offsets[i + 1]].tobytes() for i in candidates.tolist()}
-        return np.array([w in have for w in wanted], bool)
+        rows = {}
+        for i in candidates.tolist():
+            rows.setdefault(blob[offsets[i] : offsets[i + 1]].tobytes(), i)
+        return np.array([rows.get(w, -1) for w in wanted], np.int64)
+
+    def contains(self, strings: Sequence[str]) -> np.ndarray:
+        """(n,) bool: which of ``strings`` are items already."""
+        return self.positions_of(strings) >= 0
 
     def to_buffers(self) -> tuple[np.ndarray, np.ndarray]:
         """(offsets (n + 1,) int64, blob (nbytes,) uint8): the file layout."""
