@@ -63,3 +63,31 @@ def cifar_like_folder(tmp_path: Path) -> Path:
             for k in range(n):
                 write_image(root / part / cls / f"{k:04d}.jpg", rng, (8, 8))
     return root
+
+
+@pytest.fixture(scope="session")
+def served_index(tmp_path_factory):
+    """A tiny trained run on generated photos and the index of those photos (for the search service tests):
+    (folder, images folder, run dir, index file). Item paths in the index are absolute."""
+    from helpers import write_colour_folder, write_tiny_config
+    from hihpq.cli import main
+
+    root = tmp_path_factory.mktemp("served")
+    images = write_colour_folder(root / "photos", per_class=8)
+    # TODO(h10lib merge): train with `hihpq train --images` (no labels) once it exists; the folder dataset
+    # used here reads the colour sub-folders as classes, which the service never sees.
+    config = write_tiny_config(
+        root / "tiny.yaml",
+        images,
+        root / "cache",
+        "served",
+        data={"n_query": 3, "n_train": 21},
+        features={"n_views": 2},
+        train={"epochs": 4, "batch_size": 24},
+        hierarchy={"levels": [4, 2], "warmup_epochs": 1},
+    )
+    run = root / "run"
+    assert main(["train", str(config), "--out", str(run), "--no-eval"]) == 0
+    index = root / "photos.hpq"
+    assert main(["encode", str(run), "--images", str(images.resolve()), "--out", str(index)]) == 0
+    return root, images, run, index

@@ -1,6 +1,7 @@
-"""Command line: ``hihpq train | evaluate | encode | search | index info|add|remove | configs | demo | bench | report``.
+"""Command line: ``hihpq train | evaluate | encode | search | serve | index | configs | demo | bench | report``.
 
-Every command that produces results writes ``run.json`` (config, seed, versions, git commit) beside them.
+``hihpq index`` has ``info``, ``add`` and ``remove``. Every command that produces results writes ``run.json`` (config,
+seed, versions, git commit) beside them.
 """
 
 from __future__ import annotations
@@ -173,6 +174,15 @@ def cmd_index_remove(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from hihpq.service import serve
+
+    options = {"device": args.device, "k": args.k, "k_max": max(args.k, 100), "max_upload_mb": args.max_upload_mb}
+    options["threads"] = args.threads
+    serve(args.index, args.model, host=args.host, port=args.port, **options)
+    return 0
+
+
 def cmd_index_info(args) -> int:
     from hihpq.index import describe_index
 
@@ -272,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="run directory (default: the one recorded in the index)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="serve an index over HTTP: search API and web page (needs hihpq[serve])")
+    p.add_argument("index")
+    p.add_argument("--model", help="run directory or model.pt (default: the one recorded in the index)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    p.add_argument("-k", type=int, default=10, help="results per search unless the request says (default 10)")
+    p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--threads", type=int, help="torch threads of the model (default: the usable cores)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("index", help="index file tools")
     isub = p.add_subparsers(dest="index_command", required=True)
