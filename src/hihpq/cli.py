@@ -108,12 +108,20 @@ def cmd_encode(args) -> int:
     from hihpq.encoder import Encoder
     from hihpq.index import write_index
 
+    if args.shard and not args.images:
+        raise ValueError("--shard needs --images FOLDER (the protocol's database is encoded in one pass)")
     enc = Encoder.load(args.model, device=args.device)
+    out, names = Path(args.out), None
     if args.images:
         from hihpq.data.prepare import list_images
 
-        paths = [p.absolute() for p in list_images(args.images)]
-        index = enc.index(paths, metric=args.metric, progress=True, on_error="skip")
+        paths, ids, shard_meta = [p.absolute() for p in list_images(args.images)], None, {}
+        if args.shard:  # this process's slice of the sorted paths; ids stay global positions
+            from hihpq.index.shards import select_shard
+
+            paths, ids, shard_meta, out = select_shard(paths, args.shard, args.out)
+        index = enc.index(paths, ids=ids, metric=args.metric, progress=True, on_error="skip")
+        index.user_metadata = {**index.user_metadata, **shard_meta}
         if enc.skipped:
             more = ", ..." if len(enc.skipped) > 5 else ""
             print(f"skipped {len(enc.skipped)} unreadable image(s): {', '.join(enc.skipped[:5])}{more}")
@@ -123,11 +131,8 @@ def cmd_encode(args) -> int:
         names = [split.dataset.describe(int(i)) for i in split.database]
         index = E.build_index(enc.model_file.model, emb, metric=args.metric)
         index.user_metadata = {**index.user_metadata, **enc.index_metadata()}
-        write_index(index, args.out, item_names=names)
-        print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
-        return 0
-    write_index(index, args.out)
-    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {args.out}")
+    write_index(index, out, item_names=names)
+    print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {out}")
     return 0
 
 
@@ -171,6 +176,14 @@ def cmd_index_remove(args) -> int:
 
     removed = remove_items(args.index, ids=args.ids, paths=args.paths)
     print(f"removed {removed} item(s) from {args.index}")
+    return 0
+
+
+def cmd_index_merge(args) -> int:
+    from hihpq.index.shards import merge_index_files
+
+    summary = merge_index_files(args.out, args.shards)
+    print(f"merged {summary['n_files']} files: {summary['n_items']} codes in {summary['out']}")
     return 0
 
 
@@ -273,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="encode only shard I (0-based) of N contiguous shards of the sorted --images files, into "
+        "OUT-IIIII-of-NNNNN; 'auto' takes I/N from torchrun (RANK/WORLD_SIZE); join with `hihpq index merge`",
+    )
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("search", help="search an index with query images")
@@ -311,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--paths", nargs="+", help="image paths as added (relative ones are made absolute)")
     which.add_argument("--ids", nargs="+", type=int)
     pr.set_defaults(func=cmd_index_remove)
+    pm = isub.add_parser("merge", help="join index shard files (from encode --shard) into one index")
+    pm.add_argument("out", help="merged index file to write")
+    pm.add_argument("shards", nargs="+", help="the shard files, every one exactly once")
+    pm.set_defaults(func=cmd_index_merge)
 
     p = sub.add_parser("demo", help="train, encode and evaluate on a reduced CIFAR-10 (II); compare with PCA+PQ")
     p.add_argument("--data", help="folder holding CIFAR-10 (else $HIHPQ_DATA, else download, else digits)")

@@ -112,7 +112,7 @@ class TrainConfig:
     curvature_lr_scale: float = 1.0  # curvature step = lr * this, when quantizer.learn_curvature
     backbone_lr_scale: float = 1.0  # step of the trainable backbone layers = lr * this (online training)
     device: str = "cpu"
-    amp: bool = False
+    amp: str = "none"  # none | bf16 | fp16 autocast of backbone + projector (old booleans: false=none, true=bf16)
     num_threads: int | None = None
 
 
@@ -182,6 +182,10 @@ class Config:
             raise ConfigError(f"data.protocol must be 'I' or 'II', got {self.data.protocol!r}")
         if self.eval.metric not in ("adc", "sdc"):
             raise ConfigError(f"eval.metric must be 'adc' or 'sdc', got {self.eval.metric!r}")
+        if isinstance(self.train.amp, bool):  # configs written before amp had modes: true meant bf16 autocast
+            self.train.amp = "bf16" if self.train.amp else "none"
+        if self.train.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"train.amp must be none, bf16 or fp16, got {self.train.amp!r}")
         if self.train.device not in ("cpu", "cuda") and not self.train.device.startswith("cuda:"):
             raise ConfigError(f"train.device must be 'cpu' or 'cuda[:N]', got {self.train.device!r}")
         return self

@@ -85,6 +85,7 @@ class Encoder:
         self.fingerprint = model_file.fingerprint
         self.model_path = model_file.path
         self.skipped: list[str] = []
+        self._skipped_at: list[int] = []  # positions of the skipped inputs
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Encoder:
@@ -173,7 +174,7 @@ class Encoder:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.skipped = []
+        self.skipped, self._skipped_at = [], []
         feats = self._features_input(images)
         if feats is not None:
             from hihpq.evaluation import embed
@@ -195,6 +196,7 @@ class Encoder:
                     if on_error == "raise":
                         raise ValueError(f"cannot use {_describe(item, pos)} as an image: {exc}") from exc
                     self.skipped.append(_describe(item, pos))
+                    self._skipped_at.append(pos)
                 if len(batch) == batch_size:
                     out.append(self._embed_batch(batch))
                     batch = []
@@ -225,22 +227,25 @@ class Encoder:
         Item metadata: ``metadata`` when given, else the absolute image paths when ``images`` are paths (a folder:
         its files). The index's user metadata records this model's fingerprint and file, which ``hihpq search`` and
         ``hihpq index add`` check. ``kw``: the keywords of :meth:`embed` (with ``on_error="skip"`` the skipped
-        inputs get no item, and ``ids`` / ``metadata`` must then be None).
+        inputs get no item, and their ids and metadata are left out too).
         """
+        from hihpq.evaluation import encode_embeddings
         from hihpq.index import HyperbolicPQIndex
 
         items = images if self._features_input(images) is not None else self._items(images)
-        emb = self.embed(items, **kw)
-        if self.skipped and (ids is not None or metadata is not None):
-            raise ValueError(f"{len(self.skipped)} input(s) were skipped: ids / metadata no longer line up")
+        n = len(items)
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"ids has {len(ids)} entries for {n} inputs")
+        if metadata is not None and len(metadata) != n:
+            raise ValueError(f"metadata has {len(metadata)} entries for {n} inputs")
         if metadata is None and isinstance(items, list) and items and all(isinstance(p, _PathLike) for p in items):
-            skipped = set(self.skipped)  # stored as absolute paths: what `hihpq index add` compares
-            metadata = [str(Path(p).absolute()) for p in items if str(p) not in skipped]
+            metadata = [str(Path(p).absolute()) for p in items]  # absolute: what `hihpq index add` compares
+        emb = self.embed(items, **kw)
+        kept = np.setdiff1d(np.arange(n), self._skipped_at)  # skipped inputs get no item (nor their id / name)
         index = HyperbolicPQIndex.from_quantizer(self.quantizer, metric=metric)
-        from hihpq.evaluation import encode_embeddings
-
         codes = encode_embeddings(self.quantizer, emb)
-        index.add_codes(codes, None if ids is None else np.asarray(ids, np.int64), metadata=metadata)
+        ids = None if ids is None else np.asarray(ids, np.int64)[kept]
+        index.add_codes(codes, ids, metadata=None if metadata is None else [metadata[i] for i in kept])
         index.user_metadata = {**index.user_metadata, **self.index_metadata()}
         return index
 

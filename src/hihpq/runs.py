@@ -33,6 +33,7 @@ def train_run(
     ``checkpoint.pt`` / ``log.csv`` / ``log.json`` (the trainer's) and ``run.json`` (record, timings and, when the
     data has labels and ``evaluate``, the retrieval figures).
     """
+    from hihpq import distributed
     from hihpq.build import build_loss, build_model, train_settings
     from hihpq.data.prepare import auto_levels, prepare_features, prepare_online
     from hihpq.evaluation import evaluate_online, evaluate_prepared
@@ -41,26 +42,35 @@ def train_run(
 
     cfg = copy.deepcopy(cfg)
     out = Path(out or f"runs/{cfg.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")  # the record of a run that fails below as well
+    # under torchrun: join the other processes; each GPU process gets cuda:LOCAL_RANK
+    ctx, device = distributed.init_from_env(cfg.train.device)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")  # the record of a run that fails below as well
+    cfg.train.device = device
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
-    if online:
-        prep = prepare_online(cfg, data_dir=data_dir)
-        in_dim, source = prep.in_dim, prep.source
-    else:
-        prep = prepare_features(cfg, data_dir=data_dir, progress=progress)
-        in_dim, source = prep.clean.shape[1], prep.train_source()
+    with distributed.main_first():  # rank 0 fills the feature cache, the others read it
+        if online:
+            prep = prepare_online(cfg, data_dir=data_dir)
+            in_dim, source = prep.in_dim, prep.source
+        else:
+            prep = prepare_features(cfg, data_dir=data_dir, progress=progress and ctx.is_main)
+            in_dim, source = prep.clean.shape[1], prep.train_source()
     t_feat = time.perf_counter() - t0
     if not cfg.hierarchy.levels:  # sizes follow the number of training images (README: training on photos)
         cfg.hierarchy.levels = auto_levels(len(prep.split.train) - prep.n_skipped)
-    save_config(cfg, out / "config.yaml")
-    print(prep.split.summary())
+    if ctx.is_main:
+        save_config(cfg, out / "config.yaml")
+        print(prep.split.summary())
     model = build_model(cfg, in_dim, backbone=prep.backbone if online else None)
-    trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=progress), out_dir=out)
+    trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=progress and ctx.is_main), out_dir=out)
     trainer.fit(source, resume=resume)
     t_train = time.perf_counter() - t0 - t_feat
+    distributed.shutdown()
+    if not ctx.is_main:  # rank 0 alone saves, evaluates and reports
+        return out
     save_model(
         out / "model.pt",
         model,

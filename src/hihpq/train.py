@@ -13,15 +13,16 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from hihpq import distributed
 from hihpq.hierarchy import HierarchicalClustering
 from hihpq.losses import HiHPQLoss
 from hihpq.models.hihpq import HiHPQ
@@ -37,13 +38,17 @@ class TrainingDiverged(RuntimeError):
 
 
 class ViewSource(Protocol):
+    """Where training views come from. The trainer draws each step's randomness in the main process from the run's
+    generator (:meth:`draw`), for the whole global batch, so a run is the same whatever the number of loader
+    workers or of processes; :meth:`stream` then produces the views of a list of steps, in order."""
+
     n: int
 
-    def pair(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def draw(self, n: int, n_views: int, rng: np.random.Generator) -> np.ndarray: ...
 
-    def one(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor: ...
+    def stream(self, steps: list[list[tuple[np.ndarray, np.ndarray]]]) -> Iterator[list[torch.Tensor]]: ...
 
-    def clean(self, batch_size: int) -> Iterator[torch.Tensor]: ...
+    def clean(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]: ...
 
 
 class CachedViews:
@@ -57,42 +62,126 @@ class CachedViews:
         self.views, self.clean_feats = views, clean
         self.n, self.n_views, self.dim = views.shape
 
-    def pair(self, idx, rng):
-        # Two different views of each image: the second is offset from the first by 1..V-1 (mod V).
-        v1 = rng.integers(0, self.n_views, size=len(idx))
-        v2 = (v1 + rng.integers(1, self.n_views, size=len(idx))) % self.n_views
+    def draw(self, n, n_views, rng):
+        """Cached view numbers (n, n_views); two views of a row always differ (offset 1..V-1 mod V)."""
+        v1 = rng.integers(0, self.n_views, size=n)
+        if n_views == 1:
+            return v1[:, None]
+        v2 = (v1 + rng.integers(1, self.n_views, size=n)) % self.n_views
+        return np.stack([v1, v2], axis=1)
+
+    def views_of(self, idx: np.ndarray, draws: np.ndarray) -> list[torch.Tensor]:
+        """One (n, F) float32 tensor per column of ``draws``."""
         order = np.argsort(idx, kind="stable")  # sorted reads are kinder to memmaps
-        x1 = np.empty((len(idx), self.dim), np.float32)
-        x2 = np.empty((len(idx), self.dim), np.float32)
-        x1[order] = self.views[idx[order], v1[order]]
-        x2[order] = self.views[idx[order], v2[order]]
-        return torch.from_numpy(x1), torch.from_numpy(x2)
+        out = []
+        for k in range(draws.shape[1]):
+            x = np.empty((len(idx), self.dim), np.float32)
+            x[order] = self.views[idx[order], draws[order, k]]
+            out.append(torch.from_numpy(x))
+        return out
+
+    def stream(self, steps):
+        for step in steps:
+            yield [x for idx, draws in step for x in self.views_of(idx, draws)]
+
+    def pair(self, idx, rng):
+        """Two different views of each image (``draw`` then read)."""
+        x1, x2 = self.views_of(idx, self.draw(len(idx), 2, rng))
+        return x1, x2
 
     def one(self, idx, rng):
-        v = rng.integers(0, self.n_views, size=len(idx))
-        return torch.from_numpy(np.asarray(self.views[idx, v], dtype=np.float32))
+        return self.views_of(idx, self.draw(len(idx), 1, rng))[0]
 
-    def clean(self, batch_size):
-        for start in range(0, self.n, batch_size):
-            yield torch.from_numpy(np.asarray(self.clean_feats[start : start + batch_size], dtype=np.float32))
+    def clean(self, batch_size, start=0, stop=None):
+        stop = self.n if stop is None else stop
+        for lo in range(start, stop, batch_size):
+            yield torch.from_numpy(np.asarray(self.clean_feats[lo : min(lo + batch_size, stop)], dtype=np.float32))
+
+
+class _AugmentedSteps(torch.utils.data.Dataset):
+    """Item i: the augmented views of step i, each image's view seeded by its own drawn seed (a pure function of
+    the step's request, so it does not matter which worker process computes it)."""
+
+    def __init__(self, dataset, indices: np.ndarray, transform: Callable, steps: list):
+        self.dataset, self.indices, self.transform, self.steps = dataset, indices, transform, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], list[int]]:
+        views, unreadable = [], []
+        for rows, seeds in self.steps[i]:
+            images = []
+            for row in rows:
+                image, index, ok = self.dataset[int(self.indices[row])]
+                images.append(image)
+                if not ok:
+                    unreadable.append(int(index))
+            for k in range(seeds.shape[1]):
+                views.append(_augment(self.transform, images, seeds[:, k]))
+        return views, unreadable
+
+
+class _CleanChunks(torch.utils.data.Dataset):
+    """Item i: the evaluation view of rows ``chunks[i]`` (a range), stacked."""
+
+    def __init__(self, dataset, indices: np.ndarray, transform: Callable, chunks: list[tuple[int, int]]):
+        self.dataset, self.indices, self.transform, self.chunks = dataset, indices, transform, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int]]:
+        out, unreadable = [], []
+        for row in range(*self.chunks[i]):
+            image, index, ok = self.dataset[int(self.indices[row])]
+            out.append(self.transform(image))
+            if not ok:
+                unreadable.append(int(index))
+        return torch.stack(out), unreadable
+
+
+def _augment(transform: Callable, images: list, seeds: np.ndarray) -> torch.Tensor:
+    out = []
+    with torch.random.fork_rng(devices=[]):  # the caller's torch stream is left as it was
+        for image, seed in zip(images, seeds, strict=True):
+            torch.random.default_generator.manual_seed(int(seed))
+            out.append(transform(image))
+    return torch.stack(out)
+
+
+def _loader(dataset: torch.utils.data.Dataset, num_workers: int) -> torch.utils.data.DataLoader:
+    # batch_size=None: every item is already a whole batch; order is kept, whatever the number of workers. The
+    # loader draws its workers' base seed from `generator`: a private one leaves the run's torch stream alone.
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _as_is(item):
+    return item
 
 
 class ImageViews:
     """Images augmented on every step, for training through the backbone (GPUs, fine-tuning).
 
-    ``pair`` gives two independently augmented views of each image, ``one`` one augmented view, ``clean``
-    the evaluation view of every training image in order. Each view's augmentation is seeded from a draw of
-    the ``rng`` passed in (torch's CPU generator is forked, so the caller's torch stream is untouched), which
-    makes a run, and its resumption from a checkpoint, reproducible.
+    Views are produced by ``num_workers`` DataLoader worker processes (0: in this process), a whole step per
+    worker item, a few steps ahead of the training loop. Each view's augmentation is seeded from a seed drawn
+    by :meth:`draw` from the run's generator in the main process (torch's CPU generator is forked around it),
+    so the views, and hence the run and its resumption from a checkpoint, are the same whatever ``num_workers``.
 
     Args:
         dataset: the pooled images (an :class:`~hihpq.data.folders.ImageSource`; its own transform is ignored).
         indices: dataset indices of the training images; row ``i`` of this source is ``dataset[indices[i]]``.
         train_transform: the augmentation, PIL image -> (3, H, W) normalised tensor (random, from torch's
-            global generator as torchvision's transforms are).
+            global generator as torchvision's transforms are). Must be picklable if workers are spawned.
         clean_transform: the deterministic evaluation transform, same output shape.
-        num_workers: threads decoding images (augmentation itself runs in this thread, in order, so that the
-            seeding is exact); 0 or 1 decodes sequentially.
+        num_workers: DataLoader worker processes decoding and augmenting images (0: in the main process).
         clean_batch_size: cap on the images per batch of :meth:`clean` (the hierarchy refresh asks for large
             batches, which are fine for features but not for images through a large backbone).
     """
@@ -111,61 +200,55 @@ class ImageViews:
         self.indices = np.asarray(indices, dtype=np.int64)
         if self.indices.ndim != 1 or not len(self.indices):
             raise ValueError(f"indices must be a non-empty 1-d array, got shape {self.indices.shape}")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.train_transform, self.clean_transform = train_transform, clean_transform
         self.n = len(self.indices)
         self.num_workers = int(num_workers)
         self.clean_batch_size = max(1, int(clean_batch_size))
         self.skipped: set[int] = set()  # dataset indices of unreadable images (placeholders were used)
-        self._pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 1 else None
 
     @property
     def n_skipped(self) -> int:
         """Distinct unreadable training images met so far (each was replaced by the dataset's placeholder)."""
         return len(self.skipped)
 
-    def _load(self, rows: np.ndarray) -> list:
-        items = [int(i) for i in self.indices[np.asarray(rows, dtype=np.int64)]]
-        load = self._pool.map if self._pool is not None else map
-        loaded = list(load(self.dataset.__getitem__, items))
-        images = []
-        for image, index, ok in loaded:
-            if not ok and index not in self.skipped:
+    def _note_unreadable(self, indices: list[int]) -> None:
+        for index in indices:
+            if index not in self.skipped:
                 self.skipped.add(index)
                 log.warning("unreadable training image %s: using a placeholder", self.dataset.describe(index))
-            images.append(image)
-        return images
 
-    def _augment(self, images: list, seeds: np.ndarray) -> torch.Tensor:
-        out = []
-        with torch.random.fork_rng(devices=[]):
-            for image, seed in zip(images, seeds, strict=True):
-                torch.random.default_generator.manual_seed(int(seed))
-                out.append(self.train_transform(image))
-        return torch.stack(out)
+    def draw(self, n, n_views, rng):
+        """Augmentation seeds (n, n_views), one per view of each row."""
+        return rng.integers(0, np.iinfo(np.int64).max, size=(n, n_views), dtype=np.int64)
 
-    @staticmethod
-    def _seeds(rng: np.random.Generator, shape) -> np.ndarray:
-        return rng.integers(0, np.iinfo(np.int64).max, size=shape, dtype=np.int64)
+    def stream(self, steps):
+        steps_ds = _AugmentedSteps(self.dataset, self.indices, self.train_transform, steps)
+        for views, unreadable in _loader(steps_ds, min(self.num_workers, len(steps))):
+            self._note_unreadable(unreadable)
+            yield views
 
     def pair(self, idx, rng):
-        seeds = self._seeds(rng, (len(idx), 2))
-        images = self._load(idx)
-        return self._augment(images, seeds[:, 0]), self._augment(images, seeds[:, 1])
+        (views,) = self.stream([[(np.asarray(idx), self.draw(len(idx), 2, rng))]])
+        return views[0], views[1]
 
     def one(self, idx, rng):
-        seeds = self._seeds(rng, len(idx))
-        return self._augment(self._load(idx), seeds)
+        (views,) = self.stream([[(np.asarray(idx), self.draw(len(idx), 1, rng))]])
+        return views[0]
 
-    def clean(self, batch_size):
+    def clean(self, batch_size, start=0, stop=None):
+        stop = self.n if stop is None else stop
         step = min(int(batch_size), self.clean_batch_size)
-        for start in range(0, self.n, step):
-            rows = np.arange(start, min(start + step, self.n))
-            yield torch.stack([self.clean_transform(image) for image in self._load(rows)])
+        chunks = [(lo, min(lo + step, stop)) for lo in range(start, stop, step)]
+        for batch, unreadable in _loader(
+            _CleanChunks(self.dataset, self.indices, self.clean_transform, chunks), min(self.num_workers, len(chunks))
+        ):
+            self._note_unreadable(unreadable)
+            yield batch
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        """Nothing to release: worker processes live only while a stream is read."""
 
 
 @dataclass
@@ -186,7 +269,7 @@ class TrainSettings:
     hierarchy_warmup: int = 3
     hierarchy_interval: int = 1
     device: str = "cpu"
-    amp: bool = False
+    amp: str = "none"  # none | bf16 | fp16: autocast of backbone + projector (see amp_dtype)
     seed: int = 2021
     progress: bool = True
 
@@ -197,6 +280,50 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return minimum + 0.5 * (base - minimum) * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+AMP_MODES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(mode: str) -> torch.dtype | None:
+    """Autocast dtype of ``train.amp`` (None: full precision). The Lorentz operations of the quantizer and the
+    losses run in fp32/fp64 whatever this is (they switch autocast off: see hihpq.geometry._guards)."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"train.amp must be one of {sorted(AMP_MODES)}, got {mode!r}")
+    return AMP_MODES[mode]
+
+
+class _StepForward(nn.Module):
+    """What a training step runs under autocast (and DDP): the embedding z and the quantizer's output."""
+
+    def __init__(self, model: HiHPQ):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        z = self.model.project(x)
+        if not torch.isfinite(z).all():  # reported by the trainer, which names the step
+            return z, None
+        return z, self.model.quantizer(z)
+
+
+@dataclass
+class _StepPlan:
+    """A step's global batch ``idx``, its positives per level and its view requests [(rows, draws), ...]."""
+
+    idx: np.ndarray
+    positives: list[np.ndarray]
+    requests: list[tuple[np.ndarray, np.ndarray]]
+
+
+def _by_group(rows: torch.Tensor, n_groups: int, world_size: int) -> list[torch.Tensor]:
+    """Gathered rows (rank-major: each rank's [group 0 | group 1 | ...]) regrouped as n_groups global batches,
+    each in global-batch order (rank 0's slice first), as one process would have them."""
+    if world_size == 1:
+        return list(rows.chunk(n_groups))
+    per = rows.shape[0] // (world_size * n_groups)
+    grouped = rows.reshape(world_size, n_groups, per, *rows.shape[1:]).transpose(0, 1)
+    return list(grouped.reshape(n_groups, world_size * per, *rows.shape[1:]).unbind(0))
 
 
 class Hierarchy:
@@ -233,7 +360,13 @@ class Hierarchy:
 
 
 class Trainer:
-    """Trains a :class:`HiHPQ` model with the HiHPQ objective; one call to :meth:`fit` runs (or resumes) a run."""
+    """Trains a :class:`HiHPQ` model with the HiHPQ objective; one call to :meth:`fit` runs (or resumes) a run.
+
+    Under torchrun (a process group initialised by :func:`hihpq.distributed.init_from_env`), every process runs
+    this same loop on its contiguous slice of the same seeded global batch: the model is wrapped in DDP, the
+    quantizer outputs of all slices are gathered so that every process computes the global-batch loss, the
+    hierarchy is fitted once by rank 0 on the gathered tangent features and broadcast, and only rank 0 writes.
+    """
 
     def __init__(self, model: HiHPQ, loss: HiHPQLoss, settings: TrainSettings, out_dir: str | Path | None = None):
         self.model, self.loss, self.s = model, loss, settings
@@ -246,6 +379,26 @@ class Trainer:
         self.hierarchy: Hierarchy | None = None
         self.rng = np.random.default_rng(settings.seed)
         self.history: list[dict] = []
+        self.dist = distributed.context()
+        self._amp_dtype = amp_dtype(settings.amp)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self._amp_dtype is torch.float16)
+        self._forward = self._wrap_forward()
+
+    def _wrap_forward(self) -> nn.Module:
+        """The module each training step calls: backbone + projector + quantizer, DDP-wrapped across processes."""
+        step = _StepForward(self.model)
+        if not self.dist.distributed:
+            return step
+        if self.device.type == "cuda":  # exact global-batch statistics; torch's SyncBatchNorm is GPU-only
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(step, device_ids=ids)
+
+    @property
+    def writes(self) -> bool:
+        """This process writes checkpoints and logs (rank 0 of a distributed run, or the only process)."""
+        return self.out_dir is not None and self.dist.is_main
 
     # ----------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -253,6 +406,7 @@ class Trainer:
             "version": CHECKPOINT_VERSION,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": self.epoch,
             "step": self.step,
             "rng": _rng_state(self.rng),
@@ -271,6 +425,8 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.rng = _rng_from_state(state["rng"])
         torch.set_rng_state(state["torch_rng"].cpu())  # map_location may have moved it to the GPU
@@ -298,7 +454,13 @@ class Trainer:
         if resume:
             if ckpt is None or not ckpt.exists():
                 raise FileNotFoundError(f"--resume given but no checkpoint at {ckpt}")
-            self.load_checkpoint(ckpt)
+            self.load_checkpoint(ckpt)  # every rank reads the same file: identical state, any number of ranks
+        batch = min(self.s.batch_size, source.n)
+        if batch % self.dist.world_size:
+            raise ValueError(
+                f"the global batch ({batch} = train.batch_size, or the training set if smaller) must be divisible "
+                f"by the number of processes ({self.dist.world_size}); change train.batch_size or --nproc-per-node"
+            )
         n_batches = max(1, source.n // self.s.batch_size)
         total_steps = self.s.epochs * n_batches
         while self.epoch < self.s.epochs:
@@ -306,19 +468,24 @@ class Trainer:
             hier_s = self._refresh_hierarchy(source)
             sums: dict[str, float] = {}
             perm = self.rng.permutation(source.n)
+            # The epoch's randomness is drawn here, in the order one step at a time would draw it, so the views
+            # can be made ahead by worker processes and the run does not depend on how many there are.
+            plans = [self._plan_step(source, perm[b * self.s.batch_size : (b + 1) * self.s.batch_size])
+                     for b in range(n_batches)]  # fmt: skip
+            views = source.stream([self._local(plan.requests) for plan in plans])
             self.model.train()
             bar = tqdm(
-                range(n_batches),
+                zip(plans, views, strict=True),
+                total=n_batches,
                 desc=f"epoch {self.epoch + 1}/{self.s.epochs}",
-                disable=not self.s.progress,
+                disable=not (self.s.progress and self.dist.is_main),
                 leave=False,
             )
-            for b in bar:
-                idx = perm[b * self.s.batch_size : (b + 1) * self.s.batch_size]
+            for plan, xs in bar:
                 lr = lr_at(self.step, total_steps, self.s.warmup_epochs * n_batches, self.s.lr, self.s.min_lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-                parts = self._train_step(source, idx)
+                parts = self._train_step(plan, xs)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{parts['loss']:.3f}")
@@ -334,10 +501,28 @@ class Trainer:
             )
             self.history.append(record)
             self.epoch += 1
-            if self.out_dir:
+            if self.writes:
                 self._write_logs()
                 self.save_checkpoint(ckpt)
+            distributed.barrier()  # no rank runs ahead of the checkpoint it would resume from
         return self.history
+
+    def _plan_step(self, source: ViewSource, idx: np.ndarray) -> _StepPlan:
+        """The step's global batch and all its random draws: two views of ``idx``, then one view of a positive per
+        hierarchy level (the same draws, in the same order, on every rank)."""
+        requests = [(idx, source.draw(len(idx), 2, self.rng))]
+        positives: list[np.ndarray] = []
+        if self.hierarchy is not None and self.loss.lambda2 > 0:
+            positives = self.hierarchy.positives(idx, self.rng)
+            requests += [(p, source.draw(len(p), 1, self.rng)) for p in positives]
+        return _StepPlan(idx, positives, requests)
+
+    def _local(self, requests: list) -> list:
+        """This rank's contiguous slice of every request of a step (everything for a single process)."""
+        if not self.dist.distributed:
+            return requests
+        lo, hi = distributed.shard_bounds(len(requests[0][0]), self.dist.world_size, self.dist.rank)
+        return [(rows[lo:hi], draws[lo:hi]) for rows, draws in requests]
 
     def _refresh_hierarchy(self, source: ViewSource) -> float:
         s = self.s
@@ -348,37 +533,39 @@ class Trainer:
             return 0.0
         t0 = time.perf_counter()
         self.model.eval()
+        distributed.broadcast_buffers(self.model)  # every rank embeds with rank 0's BatchNorm statistics
+        lo, hi = distributed.shard_bounds(source.n, self.dist.world_size, self.dist.rank)
         with torch.inference_mode():
-            feats = [self.model.tangent(x.to(self.device)).flatten(1).float().cpu() for x in source.clean(1024)]
-        X = torch.cat(feats).numpy()
-        hc = HierarchicalClustering(levels=tuple(s.levels), n_subclusters=s.n_subclusters, seed=s.seed + self.epoch)
-        hc.fit(X)
-        self.hierarchy = Hierarchy(hc.labels_, hc.prototypes_)
+            feats = [self.model.tangent(x.to(self.device)).flatten(1).float().cpu() for x in source.clean(1024, lo, hi)]
+        X = distributed.gather_arrays(torch.cat(feats).numpy())
+        fitted = None
+        if self.dist.is_main:  # fitted once; every rank then uses the very same prototypes and assignments
+            hc = HierarchicalClustering(levels=tuple(s.levels), n_subclusters=s.n_subclusters, seed=s.seed + self.epoch)
+            hc.fit(X)
+            fitted = (hc.labels_, hc.prototypes_)
+        labels, prototypes = distributed.broadcast_object(fitted)
+        self.hierarchy = Hierarchy(labels, prototypes)
         return time.perf_counter() - t0
 
-    def _train_step(self, source: ViewSource, idx: np.ndarray) -> dict[str, float]:
+    def _train_step(self, plan: _StepPlan, xs: list[torch.Tensor]) -> dict[str, float]:
         q = self.model.quantizer
-        x1, x2 = source.pair(idx, self.rng)
-        inputs = [x1, x2]
-        pos_idx: list[np.ndarray] = []
-        if self.hierarchy is not None and self.loss.lambda2 > 0:
-            pos_idx = self.hierarchy.positives(idx, self.rng)
-            inputs += [source.one(p, self.rng) for p in pos_idx]
-        x = torch.cat(inputs).to(self.device, non_blocking=True)
-        B = len(idx)
-        if not torch.isfinite(x).all():
-            rows = np.concatenate([idx, idx, *pos_idx])  # image of each row of x
-            bad = np.unique(rows[~torch.isfinite(x).flatten(1).all(1).cpu().numpy()])
+        idx, pos_idx = plan.idx, plan.positives
+        x = torch.cat(xs).to(self.device, non_blocking=True)
+        finite = torch.isfinite(x).flatten(1).all(1)
+        if not distributed.all_true(finite.all()):
+            local = [rows for rows, _ in self._local(plan.requests)]
+            rows = np.concatenate([local[0], *local])  # image of each row of x (the pair's two views first)
+            bad = np.unique(rows[~finite.cpu().numpy()])
             raise ValueError(
                 f"non-finite input features for training images {bad[:5].tolist()} "
                 f"(epoch {self.epoch + 1}, step {self.step}); check the images or the feature cache"
             )
-        with torch.autocast(device_type=self.device.type, enabled=self.s.amp):
-            z = self.model.project(x)
-            if not torch.isfinite(z).all():
-                self._diverged("the embeddings", {})
-            out = self.model.quantizer(z)
-        qs = out.h_soft.float().split(B)
+        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None):
+            z, out = self._forward(x)
+        if not distributed.all_true(torch.isfinite(z).all()):
+            self._diverged("the embeddings", {})
+        n_groups = 2 + len(pos_idx)  # x1, x2, one positive per level; the quantizer's outputs are fp32
+        qs = _by_group(distributed.gather_rows(out.h_soft.float()), n_groups, self.dist.world_size)
         prototypes = assignments = None
         if self.hierarchy is not None and self.loss.lambda1 > 0:
             # Eq. 17 with the current curvature (so gradients reach it), clipped like the embeddings.
@@ -392,13 +579,15 @@ class Trainer:
             assignments=assignments,
             positives=list(qs[2:]) if pos_idx else None,
         )
-        if not torch.isfinite(total):
+        if not torch.isfinite(total):  # the same global loss on every rank: all raise together
             self._diverged(f"the loss ({total.item()})", parts)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         with torch.no_grad():
-            qerr = q.quantization_error(out.h[:B].float())
+            h = out.h[: len(x) // n_groups].float()
+            qerr = q.quantization_error(distributed.gather_rows(h))
         return {
             "loss": float(total.detach()),
             **{k: float(v) for k, v in parts.items()},
