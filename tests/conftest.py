@@ -65,6 +65,16 @@ def cifar_like_folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _runtime_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Backbone exports (hihpq.models.runtime) go to one folder per test session: exported once per session,
+    never into the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HIHPQ_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtimes")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def served_index(tmp_path_factory):
     """A tiny trained run on generated photos and the index of those photos (for the search service tests):

@@ -7,8 +7,9 @@ from hihpq.config import ConfigError, builtin_configs, load_config, parse_overri
 
 def test_every_builtin_config_loads_and_validates():
     names = builtin_configs()
-    # 12 paper settings + Table 2 variants (6 per bit width) + the Euclidean twin of the full model + photos.
-    assert len(names) == 12 + 3 * 7 + 1
+    # 12 paper settings + per bit width the 7 Table 2 variants and their 7 alternatives (L2 twin, lambda2 = 0.1)
+    # + photos.
+    assert len(names) == 12 + 3 * 7 + 3 * 7 + 1
     for name in names:
         cfg = load_config(name)
         assert cfg.quantizer.n_subspaces * cfg.quantizer.subspace_dim == cfg.quantizer.feature_dim
@@ -30,10 +31,35 @@ def test_paper_setting_carries_authors_hyperparameters():
 
 
 def test_variant_extends_its_base():
-    cfg = load_config("cifar10-ii-32-vanilla-euclidean")
+    cfg = load_config("cifar10-ii-32-vanilla-euclidean-l2")
     assert cfg.quantizer.geometry == "euclidean"
     assert cfg.loss.lambda1 == 0 and cfg.loss.lambda2 == 0
     assert cfg.quantizer.bits == 32 and cfg.hierarchy.levels == [100, 50, 25]
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_table2_variants_carry_the_papers_definitions(bits):
+    lambdas = {"vanilla": (0.0, 0.0), "instance": (0.0, 1.0), "prototype": (1.0, 0.0), "full": (1.0, 0.1)}
+    for variant, (l1, l2) in lambdas.items():
+        geometries = ("euclidean",) if variant == "full" else ("hyperbolic", "euclidean")
+        for g in geometries:
+            cfg = load_config(f"cifar10-ii-{bits}-{variant}-{g}")
+            assert (cfg.loss.lambda1, cfg.loss.lambda2) == (l1, l2), cfg.name
+            # The paper's Euclidean counterpart quantizes and scores like MeCoQ: the cosine geometry.
+            assert cfg.quantizer.geometry == ("lorentz" if g == "hyperbolic" else "cosine"), cfg.name
+            if g == "euclidean":
+                assert cfg.quantizer.tau == pytest.approx(0.1)  # MeCoQ's alpha = 10
+                # MeCoQ's full-vector cosine / T with T = 0.2: our sum over M subspaces needs tau_qc = M * 0.2
+                assert cfg.loss.tau_qc == pytest.approx(0.2 * cfg.quantizer.n_subspaces)
+                twin = load_config(f"cifar10-ii-{bits}-{variant}-euclidean-l2")
+                assert twin.quantizer.geometry == "euclidean"
+                assert (twin.loss.lambda1, twin.loss.lambda2) == (l1, l2)
+    for g, geometry in (("hyperbolic", "lorentz"), ("euclidean", "cosine"), ("euclidean-l2", "euclidean")):
+        alt = load_config(f"cifar10-ii-{bits}-instance-{g}-lambda2-0.1")
+        assert (alt.loss.lambda1, alt.loss.lambda2, alt.quantizer.geometry) == (0.0, 0.1, geometry)
+    assert load_config(f"cifar10-ii-{bits}").loss.instance_denominator == "ours"
+    paper = load_config(f"cifar10-ii-{bits}-instance-hyperbolic", ["loss.instance_denominator=paper"])
+    assert paper.loss.instance_denominator == "paper"
 
 
 def test_overrides_apply_with_yaml_types():
@@ -55,6 +81,9 @@ def test_overrides_apply_with_yaml_types():
         ("train.lr=0", "train.lr must be > 0"),
         ("features.n_views=1", "n_views"),
         ("data.protocol=III", "protocol"),
+        ("quantizer.geometry=poincare", "'lorentz', 'euclidean' or 'cosine'"),
+        ("quantizer.curvature_param=softplus", "curvature_param"),
+        ("loss.instance_denominator=both", "instance_denominator"),
     ],
 )
 def test_impossible_configs_are_refused_before_work(override, message):

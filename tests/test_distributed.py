@@ -105,6 +105,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch(setup):
     assert sorted(p.name for p in (tmp / "two").iterdir()) == sorted(p.name for p in one.iterdir())
 
 
+def test_codebooks_from_data_are_the_same_with_two_processes(setup):
+    tmp, config, _ = setup
+    init = ["-o", "quantizer.init_from_data=true"]
+    assert main(["train", str(config), "--out", str(tmp / "one-init"), *init]) == 0
+    _finish(_torchrun(config, tmp / "two-init", *init))
+    loss1, map1 = _final(tmp / "one-init")
+    loss2, map2 = _final(tmp / "two-init")
+    np.testing.assert_allclose(loss2, loss1, rtol=LOSS_RTOL)  # rank 0's k-means reached every rank
+    assert abs(map2 - map1) <= 0.01
+    assert not np.allclose(loss1, _final(tmp / "one")[0])  # the initialisation did change the run
+
+
 def test_a_killed_two_process_run_resumes_and_finishes(setup):
     tmp, config, one = setup
     run = tmp / "killed"

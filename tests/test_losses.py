@@ -83,14 +83,27 @@ def _ref_instance(q, positives, d, tau):
     return sum(per_level) / len(per_level)
 
 
-DISTANCES = ["lorentz", "euclidean-twin", "cdist"]
+def _ref_instance_paper(q, positives, d, tau):
+    """Eq. 19 as printed: the denominator sums over the batch without the anchor, the positive not added."""
+    per_level = []
+    for p in positives:
+        acc = 0.0
+        for i in range(len(q)):
+            s_pos = math.exp(-d(q[i], p[i]) / tau)
+            s_neg = sum(math.exp(-d(q[i], q[t]) / tau) for t in range(len(q)) if t != i)
+            acc += -math.log(s_pos / s_neg)
+        per_level.append(acc / len(q))
+    return sum(per_level) / len(per_level)
+
+
+DISTANCES = ["lorentz", "euclidean-twin", "cosine", "cdist"]
 
 
 def _setup(kind: str):
     if kind == "cdist":
         q = _quantizer("lorentz")
         return q, _euclidean_cdist
-    q = _quantizer("lorentz" if kind == "lorentz" else "euclidean")
+    q = _quantizer({"lorentz": "lorentz", "euclidean-twin": "euclidean", "cosine": "cosine"}[kind])
     return q, q.pairwise_distance
 
 
@@ -124,6 +137,35 @@ def test_instance_loss_matches_reference(kind):
     positives = [_emb(q, 6, 2), _emb(q, 6, 3), _emb(q, 6, 4)]
     got = instance_loss(x, positives, distance=dist, tau=0.25)
     assert got.item() == pytest.approx(_ref_instance(x, positives, _scalar_distance(dist), 0.25), rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", DISTANCES)
+def test_instance_loss_paper_denominator_matches_reference(kind):
+    q, dist = _setup(kind)
+    x = _emb(q, 6, 1)
+    positives = [_emb(q, 6, 2), _emb(q, 6, 3)]
+    got = instance_loss(x, positives, distance=dist, tau=0.25, denominator="paper")
+    ref = _ref_instance_paper(x, positives, _scalar_distance(dist), 0.25)
+    assert got.item() == pytest.approx(ref, rel=1e-10)
+    ours = instance_loss(x, positives, distance=dist, tau=0.25, denominator="ours")
+    assert ours.item() > got.item()  # the positive in the denominator can only raise the loss
+
+
+def test_paper_denominator_goes_negative_and_is_selectable_in_the_objective():
+    q, dist = _setup("lorentz")
+    x = _emb(q, 6, 1)
+    # The positive is the anchor itself (distance 0): Eq. 19 as printed is then below 0, ours stays above.
+    assert instance_loss(x, [x.clone()], distance=dist, tau=0.5, denominator="paper").item() < 0
+    assert instance_loss(x, [x.clone()], distance=dist, tau=0.5).item() > 0
+    pos = [_emb(q, 6, 5)]
+    paper = HiHPQLoss(lambda1=0.0, lambda2=1.0, instance_denominator="paper", distance=dist)
+    _, parts = paper(x, _emb(q, 6, 2), positives=pos)
+    ref = instance_loss(x, pos, distance=dist, tau=0.2, denominator="paper")
+    assert parts["ins"].item() == pytest.approx(ref.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="instance_denominator"):
+        HiHPQLoss(instance_denominator="Paper")
+    with pytest.raises(ValueError, match="instance_denominator"):
+        instance_loss(x, pos, distance=dist, tau=0.2, denominator="both")
 
 
 def test_hand_computed_cases():

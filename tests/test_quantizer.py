@@ -467,3 +467,83 @@ def test_bad_inputs_raise():
         q.decode(torch.zeros(1, 4))
     with pytest.raises(ValueError, match=r"codes must have shape \(B, M\)"):
         q.decode(torch.zeros(1, 3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learned curvature (both parameterisations) and codebooks initialised from data
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param", ["bounded", "clamped"])
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_learned_curvature_gets_gradients_and_stays_in_bounds(param, direction):
+    lo, hi = 0.05, 4.0
+    q = ProductQuantizer(M, K, D, curvature=1.0, curvature_bounds=(lo, hi), curvature_param=param, generator=_gen(0))
+    assert q.curvature_raw.requires_grad and q.learn_curvature
+    # The authors' clamped c is decayed like a weight; the bounded one is not (decay would mean nothing there).
+    assert (q.curvature_raw in q.no_weight_decay_parameters()) == (param == "bounded")
+    torch.testing.assert_close(q.curvature, torch.ones(M), rtol=1e-6, atol=0)
+    opt = torch.optim.SGD([{"params": [q.curvature_raw], "lr": 50.0}, {"params": [q.codebook_tangent], "lr": 1.0}])
+    z = _z(dtype=torch.float32)
+    for step in range(15):
+        opt.zero_grad()
+        loss = direction * q.curvature.sum() + quantized_contrastive_loss(
+            q(z).h_soft, q(z.flip(0)).h_soft, distance=q.pairwise_distance, tau=0.2
+        )
+        loss.backward()
+        grad = q.curvature_raw.grad
+        assert torch.isfinite(grad).all(), (step, grad)
+        if step == 0:  # inside the bounds every subspace's c gets a gradient (a saturated bound may give 0)
+            assert (grad != 0).all(), grad
+        opt.step()
+        q.clamp_curvature_()
+        assert torch.all((q.curvature >= lo) & (q.curvature <= hi)), q.curvature
+    torch.testing.assert_close(q.curvature, torch.full((M,), lo if direction > 0 else hi), rtol=1e-3, atol=0)
+    assert all(torch.isfinite(t).all() for t in q(z))
+
+
+def test_clamp_is_a_no_op_for_a_fixed_or_bounded_curvature():
+    for kw in ({"learn_curvature": False, "curvature_param": "clamped"}, {"curvature_param": "bounded"}):
+        q = ProductQuantizer(M, K, D, curvature=1.0, **kw)
+        with torch.no_grad():
+            q.curvature_raw.fill_(50.0)
+        before = q.curvature_raw.clone()
+        q.clamp_curvature_()
+        torch.testing.assert_close(q.curvature_raw, before)
+    with pytest.raises(ValueError, match="curvature_param"):
+        ProductQuantizer(M, K, D, curvature_param="softplus")
+
+
+def _clustered(n_per: int, centres: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    """(n_per * Kc, M * D) points: every subspace segment near one of its Kc centres (M, Kc, D)."""
+    g = _gen(seed)
+    Kc = centres.shape[1]
+    pick = torch.stack([torch.randperm(n_per * Kc, generator=g) % Kc for _ in range(M)], 1)  # (N, M)
+    seg = centres[torch.arange(M)[None, :], pick] + noise * torch.randn(
+        n_per * Kc, M, D, generator=g, dtype=torch.float64
+    )
+    return seg.reshape(-1, M * D)
+
+
+@pytest.mark.parametrize("geometry", ["lorentz", "euclidean", "cosine"])
+def test_codebooks_from_data_find_the_clusters_and_cut_the_quantization_error(geometry):
+    Kq = 8
+    # Well-separated centres inside the clip radius: +-0.6 e_i, i = 1..4 (time coordinate 0: tangent vectors),
+    # shuffled differently per subspace.
+    axes = torch.cat([torch.eye(D, dtype=torch.float64)[1:], -torch.eye(D, dtype=torch.float64)[1:]]) * 0.6
+    centres = torch.stack([axes[torch.randperm(Kq, generator=_gen(3 + m))] for m in range(M)])
+    z = _clustered(30, centres, 0.01, 4)
+    q = _quantizer(geometry, K=Kq, clip_r=1.5)
+    before = q.quantization_error(q.embed(z)).item()
+    counts = q.init_codebooks_from_data(z, generator=_gen(5))
+    assert counts.shape == (M, Kq) and torch.all(counts.sum(1) == len(z))
+    after = q.quantization_error(q.embed(z)).item()
+    assert after < 0.1 * before, (before, after)
+    # Every codeword sits on one cluster: the nearest centre of each codeword is a different one.
+    C = q.codebooks().detach()  # (M, K, D) points
+    ref = q.embed(centres.transpose(0, 1)).transpose(0, 1)  # centres as points (M, Kc, D)
+    for m in range(M):
+        nearest = q.geo.pairwise_dist(C[m], ref[m], c=float(q.curvature.detach()[m])).argmin(1)
+        assert sorted(nearest.tolist()) == list(range(Kq))
+    with pytest.raises(ValueError, match="at least K"):
+        q.init_codebooks_from_data(z[: Kq - 1])

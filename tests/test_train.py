@@ -114,6 +114,55 @@ def test_curvature_lr_scale_sets_the_curvature_step_and_zero_freezes_it(tmp_path
     assert 0 < moved[0.1] < moved[1.0]
 
 
+def test_clamped_curvature_is_decayed_clamped_and_learns(tmp_path):
+    clean, views, _ = _blobs()
+    trainer = _trainer(
+        _cfg(tmp_path, "train.epochs=2", "quantizer.learn_curvature=true", "quantizer.curvature_param=clamped")
+    )
+    q = trainer.model.quantizer
+    (group,) = [g for g in trainer.optimizer.param_groups if any(p is q.curvature_raw for p in g["params"])]
+    assert group["weight_decay"] == trainer.s.weight_decay > 0  # the authors decay the raw curvature
+    c0 = q.curvature.detach().clone()
+    trainer.fit(CachedViews(views, clean))
+    c = q.curvature.detach()
+    assert not torch.equal(c, c0)
+    assert torch.all((c >= q.curvature_bounds[0]) & (c <= q.curvature_bounds[1]))
+    bounded = _trainer(_cfg(tmp_path, "quantizer.learn_curvature=true"))
+    (group,) = [g for g in bounded.optimizer.param_groups if g.get("lr_scale") is not None]
+    assert group["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("geometry", ["lorentz", "cosine"])
+def test_codebooks_initialised_from_data_after_the_hierarchy_warm_up(tmp_path, geometry):
+    clean, views, _ = _blobs()
+    books = {}
+    for init in (False, True):
+        cfg = _cfg(
+            tmp_path,
+            "train.epochs=2",
+            "hierarchy.warmup_epochs=1",
+            f"quantizer.geometry={geometry}",
+            f"quantizer.init_from_data={str(init).lower()}",
+        )
+        trainer = _trainer(cfg)
+        trainer.fit(CachedViews(views, clean))
+        q = trainer.model.quantizer
+        assert q.init_from_data is init
+        h = q.embed(trainer.model.project(torch.from_numpy(clean.astype(np.float32))).detach())
+        books[init] = (q.codebooks().detach(), float(q.quantization_error(h).detach()))
+    assert not torch.equal(books[True][0], books[False][0])
+    assert books[True][1] < books[False][1]  # codewords placed on the data quantize it better
+
+
+def test_paper_linear_projector_is_a_config_choice_that_trains(tmp_path):
+    clean, views, _ = _blobs()
+    trainer = _trainer(_cfg(tmp_path, "train.epochs=3", "projector.kind=linear"))
+    linears = [m for m in trainer.model.projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and linears[0].in_features == 24  # one Linear layer, as the paper
+    history = trainer.fit(CachedViews(views, clean))
+    assert history[-1]["aug"] < history[0]["aug"]
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     clean, views, _ = _blobs()
     full = _trainer(_cfg(tmp_path), out_dir=tmp_path / "full")

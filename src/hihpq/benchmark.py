@@ -1,7 +1,9 @@
 """Grids of (method x bits x seed) on one protocol, on cached frozen-backbone features.
 
 Methods: ``hihpq`` (the full model), the Table 2 variants (``vanilla-euclidean`` ... ``prototype-hyperbolic``,
-``full-euclidean``), and the shallow baselines ``pq``, ``opq``, ``itq``, ``float``. Every record carries its
+``full-euclidean``; as in the paper, Instance has lambda2 = 1 and Euclidean is the MeCoQ-style cosine quantizer),
+their alternatives (``*-euclidean-l2``: our L2 twin; ``*-lambda2-0.1``: the authors' code's instance weight), and
+the shallow baselines ``pq``, ``opq``, ``itq``, ``float``. Every record carries its
 figure, seed, wall time, command and commit; the list is merged into a JSON file so that grids can be resumed.
 Per-run details (scores with precision@K and precision-recall curves, training history, config) go to a folder
 beside it, with the report of :mod:`hihpq.report` (table.md, plots, a Poincare-disk view of a HiHPQ model).
@@ -34,8 +36,18 @@ VARIANTS = (
     "prototype-hyperbolic",
     "full-euclidean",
 )
+# Alternatives to the paper's definitions of Table 2 (config cifar10-ii-<bits>-<name>).
+ALTERNATIVES = (
+    "vanilla-euclidean-l2",
+    "instance-euclidean-l2",
+    "prototype-euclidean-l2",
+    "full-euclidean-l2",
+    "instance-hyperbolic-lambda2-0.1",
+    "instance-euclidean-lambda2-0.1",
+    "instance-euclidean-l2-lambda2-0.1",
+)
 BASELINES = ("pq", "opq", "itq", "float")
-METHODS = ("hihpq", *VARIANTS, *BASELINES)
+METHODS = ("hihpq", *VARIANTS, *ALTERNATIVES, *BASELINES)
 
 
 def method_config(protocol: str, method: str, bits: int, seed: int, overrides: list[str]) -> Config:

@@ -15,7 +15,7 @@ from hihpq.models.projector import Projector
 from hihpq.quantizer import ProductQuantizer
 from hihpq.train import TrainSettings
 
-__all__ = ["build_loss", "build_model", "build_quantizer", "train_settings"]
+__all__ = ["build_loss", "build_model", "build_quantizer", "torch_backbone", "train_settings"]
 
 
 def build_quantizer(cfg: Config) -> ProductQuantizer:
@@ -24,12 +24,14 @@ def build_quantizer(cfg: Config) -> ProductQuantizer:
         q.n_subspaces,
         q.n_codewords,
         q.subspace_dim,
-        geometry="euclidean" if q.geometry == "euclidean" else "lorentz",
+        geometry=q.geometry,
         tau=q.tau,
         curvature=q.curvature,
         learn_curvature=q.learn_curvature,
         curvature_bounds=(q.curvature_min, q.curvature_max),
         clip_r=q.clip_r,
+        curvature_param=q.curvature_param,
+        init_from_data=q.init_from_data,
     )
 
 
@@ -42,7 +44,13 @@ def build_model(cfg: Config, in_dim: int, backbone: torch.nn.Module | None = Non
 
 
 def build_loss(cfg: Config) -> HiHPQLoss:
-    return HiHPQLoss(tau=cfg.loss.tau_qc, lambda1=cfg.loss.lambda1, lambda2=cfg.loss.lambda2)
+    loss = cfg.loss
+    return HiHPQLoss(
+        tau=loss.tau_qc,
+        lambda1=loss.lambda1,
+        lambda2=loss.lambda2,
+        instance_denominator=loss.instance_denominator,
+    )
 
 
 def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
@@ -66,3 +74,13 @@ def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
         seed=cfg.seed,
         progress=progress,
     )
+
+
+def torch_backbone(backbone, cfg):
+    """The PyTorch module of the frozen backbone (a model file records its weights' SHA-256): the one given, or,
+    for a compiled runtime (OpenVINO / ONNX Runtime, no tensors), the same backbone rebuilt in PyTorch."""
+    if hasattr(backbone, "state_dict"):
+        return backbone
+    from hihpq.models import build_backbone
+
+    return build_backbone(cfg.backbone.name, weights=cfg.backbone.weights)

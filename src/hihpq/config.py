@@ -44,6 +44,10 @@ class BackboneConfig:
     weights: str | None = "default"  # "default", a file path, or null for random init
     resolution: int = 112
     trainable: bool = False  # frozen backbones train from the feature cache
+    # Inference runtime of a frozen backbone (hihpq.models.runtime): auto = OpenVINO / ONNX Runtime when installed,
+    # else PyTorch; each runtime and precision has its own feature caches. fp32 matches PyTorch to ~1e-5.
+    runtime: str = "auto"  # auto | torch | openvino | onnxruntime
+    precision: str = "fp32"  # fp32 | bf16 (OpenVINO on CPUs with bf16 support)
 
 
 @dataclass
@@ -66,7 +70,7 @@ class QuantizerConfig:
     bits: int = 32
     n_codewords: int = 256
     feature_dim: int = 64  # M * D, D = ambient dim of one subspace
-    geometry: str = "lorentz"  # lorentz | euclidean
+    geometry: str = "lorentz"  # lorentz | euclidean | cosine (MeCoQ-style: unit sub-vectors, cosine scores)
     tau: float = 0.2  # soft-assignment temperature (divides; the authors' softmax_temp is 1 / tau)
     curvature: float = 1.0
     # Fixed by default, unlike the paper: with the hierarchy losses a learned curvature climbs from 1 to ~7 and the
@@ -75,6 +79,9 @@ class QuantizerConfig:
     curvature_min: float = 0.01
     curvature_max: float = 10.0
     clip_r: float | None = 1.5
+    # bounded: c = sigmoid-bounded (steps multiplicative in c); clamped: the authors' raw c, decayed and clamped
+    curvature_param: str = "bounded"
+    init_from_data: bool = False  # k-means codebooks from the training views once the hierarchy warm-up is over
 
     @property
     def n_subspaces(self) -> int:
@@ -90,6 +97,8 @@ class LossConfig:
     tau_qc: float = 0.2
     lambda1: float = 1.0  # prototype-wise loss weight
     lambda2: float = 0.1  # instance-wise loss weight
+    # Eq. 19's denominator: ours (positive + other anchors, a proper InfoNCE) | paper (other anchors only)
+    instance_denominator: str = "ours"
 
 
 @dataclass
@@ -156,8 +165,14 @@ class Config:
             )
         if q.subspace_dim < 2:
             raise ConfigError(f"each subspace needs dimension >= 2, got feature_dim / M = {q.subspace_dim}")
-        if q.geometry not in ("lorentz", "hyperbolic", "euclidean"):
-            raise ConfigError(f"quantizer.geometry must be 'lorentz' or 'euclidean', got {q.geometry!r}")
+        if q.geometry not in ("lorentz", "hyperbolic", "euclidean", "cosine"):
+            raise ConfigError(f"quantizer.geometry must be 'lorentz', 'euclidean' or 'cosine', got {q.geometry!r}")
+        if q.curvature_param not in ("bounded", "clamped"):
+            raise ConfigError(f"quantizer.curvature_param must be 'bounded' or 'clamped', got {q.curvature_param!r}")
+        if self.loss.instance_denominator not in ("ours", "paper"):
+            raise ConfigError(
+                f"loss.instance_denominator must be 'ours' or 'paper', got {self.loss.instance_denominator!r}"
+            )
         if not 0 < q.curvature_min < q.curvature_max:
             raise ConfigError("quantizer needs 0 < curvature_min < curvature_max")
         if not q.curvature_min <= q.curvature <= q.curvature_max:

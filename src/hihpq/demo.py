@@ -10,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from hihpq.build import build_loss, build_model, train_settings
+from hihpq.build import build_loss, build_model, torch_backbone, train_settings
 from hihpq.config import load_config
 from hihpq.data.prepare import prepare_features
 from hihpq.evaluation import evaluate_prepared, retrieval_scores
@@ -65,7 +65,7 @@ def run_demo(data: str | None = None, out: str | Path = "hihpq-demo", device: st
     save_model(
         out / "run" / "model.pt",
         model,
-        backbone=prep.backbone,
+        backbone=torch_backbone(prep.backbone, cfg),
         resolution=cfg.backbone.resolution,
         provenance={"config": cfg.to_dict()},
     )

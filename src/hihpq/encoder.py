@@ -6,7 +6,7 @@
     index = enc.index("photos/")                    # a HyperbolicPQIndex, item metadata = the paths
 
 Batching, progress bars, eval mode, inference mode and device placement happen inside. The backbone is built
-once, at load (:func:`hihpq.models.io.frozen_backbone` is the one place a frozen backbone is made).
+once, at load (:func:`hihpq.models.io.rebuild_frozen_backbone` is the one place a model's frozen backbone is made).
 """
 
 from __future__ import annotations

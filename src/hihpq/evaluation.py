@@ -81,7 +81,7 @@ def save_retrieval(path, index, q_emb, ranked, split, topk: int, map_value: floa
     (M, K, D) as points of the Lorentz model (time coordinate first, <x, x>_L = -1/c_m), ``curvature`` (M,) c_m,
     ``query_labels`` / ``database_labels``, ``ranked`` (n_q, topk) database rows, ``topk`` and ``map`` (the
     reported mAP@topk). The ADC distance is sum_m arcosh(-c_m <q_m, w_m,code>_L) / sqrt(c_m) (``geometry``
-    "euclidean": sum_m ||q_m - w_m,code||); ties rank the lower row first.
+    "euclidean": sum_m ||q_m - w_m,code||; "cosine": sum_m 1 - cos(q_m, w_m,code)); ties rank the lower row first.
     """
     from hihpq.runinfo import atomic_path
 

@@ -14,7 +14,9 @@ lambda1 = 1.0 and lambda2 = 0.1 mean the same thing here:
     the anchors, which would tie the loss scale to the batch size.)
   - L_ins: per level sum over anchors / B, mean over levels. Their positive is an in-batch neighbour and
     anchors without one add 0; ours is drawn from the whole pool, so every anchor counts: the mean over
-    anchors, then levels.
+    anchors, then levels. Eq. 19's denominator sums over the other anchors only (``instance_denominator=
+    "paper"``: unbounded below, it rewards pulling the positive ever closer); by default ("ours") the positive
+    is in the denominator too, a proper InfoNCE bounded below by 0.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "INSTANCE_DENOMINATORS",
     "Distance",
     "HiHPQLoss",
     "instance_loss",
@@ -158,18 +161,38 @@ def prototype_loss(
     return torch.stack(per_level).mean()
 
 
+INSTANCE_DENOMINATORS = ("ours", "paper")
+
+
+def _check_denominator(denominator) -> str:
+    if denominator not in INSTANCE_DENOMINATORS:
+        raise ValueError(f"instance_denominator must be one of {INSTANCE_DENOMINATORS}, got {denominator!r}")
+    return denominator
+
+
 def instance_loss(
-    q: torch.Tensor, positives: Sequence[torch.Tensor], *, distance: Distance, tau: float
+    q: torch.Tensor,
+    positives: Sequence[torch.Tensor],
+    *,
+    distance: Distance,
+    tau: float,
+    denominator: str = "ours",
 ) -> torch.Tensor:
     """Instance-wise contrastive loss L_ins (Eq. 19).
 
     q: (B, ...) quantized embeddings. positives: per level, (B, ...) embeddings of a random other image
     assigned to the same prototype as anchor i (drawn from the whole pool, not necessarily in the batch).
-    Per level and anchor: -log S(q_i, p_i) / (S(q_i, p_i) + sum_{t != i} S(q_i, q_t)), the positive
-    included in the denominator (a proper InfoNCE, bounded below by 0) and the anchor itself masked; the
-    mean over anchors, then over levels (a scalar).
+    Per level and anchor, with the anchor itself masked:
+
+    * ``denominator="ours"``: -log S(q_i, p_i) / (S(q_i, p_i) + sum_{t != i} S(q_i, q_t)), the positive
+      included in the denominator (a proper InfoNCE, bounded below by 0);
+    * ``denominator="paper"``: -log S(q_i, p_i) / sum_{t in B, t != i} S(q_i, q_t), Eq. 19 as printed (can be
+      negative).
+
+    The mean over anchors, then over levels (a scalar).
     """
     tau = _check_tau(tau)
+    denominator = _check_denominator(denominator)
     distance = _check_distance(distance)
     q = _check_batch("q", q)
     positives = _levels("positives", positives)
@@ -181,7 +204,10 @@ def instance_loss(
         if p.shape != q.shape:
             raise ValueError(f"positives[{level}] must have the shape of q {tuple(q.shape)}, got {tuple(p.shape)}")
         pos = -_pairwise(distance, q, p, f"q, positives[{level}]").diagonal() / tau  # log S(q_i, p_i)
-        per_level.append(F.cross_entropy(torch.cat([pos[:, None], negatives], dim=1), target))
+        if denominator == "paper":
+            per_level.append((torch.logsumexp(negatives, dim=1) - pos).mean())
+        else:
+            per_level.append(F.cross_entropy(torch.cat([pos[:, None], negatives], dim=1), target))
     return torch.stack(per_level).mean()
 
 
@@ -194,6 +220,8 @@ class HiHPQLoss:
         lambda2: weight of the instance-wise loss (0 switches it off).
         tau_hierarchy: temperature of the two hierarchy losses; None uses ``tau`` (as the authors do).
         distance: default pairwise distance; a ``distance`` passed to the call takes precedence.
+        instance_denominator: "ours" (positive in the denominator) or "paper" (Eq. 19 as printed); see
+            :func:`instance_loss`.
 
     Vanilla (lambda1 = lambda2 = 0) or warm-up (no hierarchy passed yet) gives L_aug alone. The hierarchy
     losses use the first view's quantized embeddings as anchors, as in the authors' code.
@@ -207,8 +235,10 @@ class HiHPQLoss:
         lambda2: float = 0.1,
         tau_hierarchy: float | None = None,
         distance: Distance | None = None,
+        instance_denominator: str = "ours",
     ):
         self.tau = _check_tau(tau)
+        self.instance_denominator = _check_denominator(instance_denominator)
         self.tau_hierarchy = self.tau if tau_hierarchy is None else _check_tau(tau_hierarchy)
         for name, lam in (("lambda1", lambda1), ("lambda2", lambda2)):
             if isinstance(lam, bool) or not isinstance(lam, (int, float)):
@@ -245,7 +275,9 @@ class HiHPQLoss:
             total = total + self.lambda1 * prot
             parts["prot"] = prot.detach()
         if self.lambda2 > 0 and positives is not None:
-            ins = instance_loss(q1, positives, distance=distance, tau=self.tau_hierarchy)
+            ins = instance_loss(
+                q1, positives, distance=distance, tau=self.tau_hierarchy, denominator=self.instance_denominator
+            )
             total = total + self.lambda2 * ins
             parts["ins"] = ins.detach()
         return total, parts
@@ -253,5 +285,5 @@ class HiHPQLoss:
     def __repr__(self) -> str:
         return (
             f"HiHPQLoss(tau={self.tau}, lambda1={self.lambda1}, lambda2={self.lambda2}, "
-            f"tau_hierarchy={self.tau_hierarchy})"
+            f"tau_hierarchy={self.tau_hierarchy}, instance_denominator={self.instance_denominator!r})"
         )

@@ -1,11 +1,13 @@
-"""Hyperbolic product quantizer (paper Eq. 6-12) and its Euclidean twin.
+"""Hyperbolic product quantizer (paper Eq. 6-12), its Euclidean twin and a MeCoQ-style cosine counterpart.
 
 An embedding z in R^{M*D} is split into M segments of ambient dimension D. For the Lorentz geometry each
 segment is projected onto the tangent space at the origin (time coordinate zeroed), clipped to norm <= clip_r
 and mapped with exp0 onto H^{D-1}_{c_m}, one learnable curvature -c_m per subspace. Each subspace has K
 codewords on the same manifold; soft quantization is the Lorentzian centroid of the codewords weighted by
 softmax(-d2 / tau) (Eq. 11-12), hard quantization the nearest codeword. The product distance is the sum of the
-M geodesic distances (Eq. 8).
+M geodesic distances (Eq. 8). The cosine geometry (:mod:`hihpq.geometry.cosine`, the Euclidean counterpart of the
+paper's Table 2, after MeCoQ) intra-normalises the segments and the codewords, assigns with softmax(<h, c_k> / tau)
+and scores by 1 - cos per subspace.
 
 Shapes: B = batch, M = n_subspaces, K = n_codewords, D = subspace_dim (ambient; hyperbolic dimension D - 1).
 """
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from hihpq.geometry import get_geometry
+from hihpq.geometry import CANONICAL, get_geometry
 from hihpq.geometry._guards import safe_norm
 
 __all__ = ["ProductQuantizer", "QuantizerOutput"]
@@ -75,12 +77,19 @@ class ProductQuantizer(nn.Module):
         n_subspaces: M, the number of codebooks (bits = M * log2 K).
         n_codewords: K codewords per subspace; codes are uint8 when K <= 256.
         subspace_dim: D, the ambient dimension of a subspace (input embedding dim = M * D).
-        geometry: "lorentz" (alias "hyperbolic") or "euclidean" (the twin: same code, Euclidean distance).
+        geometry: "lorentz" (alias "hyperbolic"), "euclidean" (the twin: same code, Euclidean distance) or
+            "cosine" (MeCoQ-style: unit sub-vectors and codewords, inner-product assignment, cosine scores).
         tau: soft-assignment temperature; divides the squared distances (Eq. 12). The authors'
             ``softmax_temp`` multiplies them, so tau = 1 / softmax_temp.
         curvature: initial c (curvature -c) of every subspace, strictly inside ``curvature_bounds``.
         learn_curvature: train c (kept in bounds by construction) or keep it fixed.
         curvature_bounds: (lo, hi), 0 < lo < hi; c = exp(log lo + (log hi - log lo) * sigmoid(raw)).
+        curvature_param: how a learned c is parameterised. "bounded" (default): the sigmoid above, in bounds by
+            construction, steps multiplicative in c. "clamped" (the authors' code): c itself is the parameter,
+            weight-decayed like the other weights and clamped into the bounds after each optimiser step
+            (:meth:`clamp_curvature_`); its steps are additive, about 2x smaller than the bounded ones at c = 1.
+        init_from_data: ask the training loop to re-initialise the codebooks from data once the hierarchy warm-up
+            is over (:meth:`init_codebooks_from_data`); stored here so that the setting travels with the model.
         clip_r: tangent vectors (embeddings and codewords) are scaled to norm <= clip_r before exp0, as in the
             authors' code; it bounds all distances. None disables clipping.
         init_scale: typical tangent norm of the initial codewords (Gaussian directions); default half the clip
@@ -102,6 +111,8 @@ class ProductQuantizer(nn.Module):
         clip_r: float | None = 1.0,
         init_scale: float | None = None,
         generator: torch.Generator | None = None,
+        curvature_param: str = "bounded",
+        init_from_data: bool = False,
     ):
         super().__init__()
         self.n_subspaces = M = _check_int("n_subspaces", n_subspaces, 1)
@@ -110,7 +121,11 @@ class ProductQuantizer(nn.Module):
         if not isinstance(geometry, str):
             raise TypeError(f"geometry must be a string, got {type(geometry).__name__}")
         self.geo = get_geometry(geometry)  # raises ValueError naming the choices
-        self.geometry = "euclidean" if geometry == "euclidean" else "lorentz"
+        self.geometry = CANONICAL[geometry]
+        if curvature_param not in ("bounded", "clamped"):
+            raise ValueError(f"curvature_param must be 'bounded' or 'clamped', got {curvature_param!r}")
+        self.curvature_param = curvature_param
+        self.init_from_data = bool(init_from_data)
         self.tau = _check_positive("tau", tau)
         self.clip_r = None if clip_r is None else _check_positive("clip_r", clip_r)
         if init_scale is None:
@@ -132,15 +147,18 @@ class ProductQuantizer(nn.Module):
                     f"initial curvature {curvature} must lie strictly inside curvature_bounds ({lo}, {hi}): "
                     "the bounded parameterisation reaches the bounds only at infinity"
                 )
-            # Inverse of c = exp(log lo + span * sigmoid(raw)), so that c starts at `curvature` (to rounding).
-            frac = (math.log(curvature) - math.log(lo)) / (math.log(hi) - math.log(lo))
-            raw = torch.full((M,), math.log(frac / (1.0 - frac)))
+            if curvature_param == "clamped":
+                raw = torch.full((M,), curvature)
+            else:
+                # Inverse of c = exp(log lo + span * sigmoid(raw)), so that c starts at `curvature` (to rounding).
+                frac = (math.log(curvature) - math.log(lo)) / (math.log(hi) - math.log(lo))
+                raw = torch.full((M,), math.log(frac / (1.0 - frac)))
             if self.learn_curvature:
                 self.curvature_raw = nn.Parameter(raw)
             else:
                 self.register_buffer("curvature_raw", raw)
         else:
-            # Curvature means nothing in Euclidean space; a fixed buffer of ones keeps the code uniform.
+            # Curvature means nothing in Euclidean or cosine space; a fixed buffer of ones keeps the code uniform.
             self.register_buffer("curvature_raw", torch.ones(M))
 
         # Codewords as tangent vectors at the origin, mapped with exp0 on every use (on the manifold by
@@ -148,7 +166,7 @@ class ProductQuantizer(nn.Module):
         init = torch.randn(M, K, D, generator=generator)
         if self.geometry == "lorentz":
             init[..., 0] = 0.0
-        dof = D - 1 if self.geometry == "lorentz" else D
+        dof = D - 1 if self.geometry == "lorentz" else D  # (cosine: only the directions matter)
         self.codebook_tangent = nn.Parameter(init * (init_scale / math.sqrt(dof)))
 
     # ------------------------------------------------------------------------------------------------------
@@ -157,9 +175,11 @@ class ProductQuantizer(nn.Module):
 
     @property
     def curvature(self) -> torch.Tensor:
-        """(M,) curvatures c_m > 0 (curvature -c_m), inside ``curvature_bounds``; ones for Euclidean."""
-        if self.geometry == "euclidean":
+        """(M,) curvatures c_m > 0 (curvature -c_m), inside ``curvature_bounds``; ones for Euclidean/cosine."""
+        if self.geometry != "lorentz":
             return self.curvature_raw
+        if self.curvature_param == "clamped":
+            return self.curvature_raw  # kept in bounds by clamp_curvature_ after every step
         lo, hi = self.curvature_bounds
         span = math.log(hi) - math.log(lo)
         c = torch.exp(math.log(lo) + span * torch.sigmoid(self.curvature_raw))
@@ -167,9 +187,18 @@ class ProductQuantizer(nn.Module):
         return c.clamp(lo, hi)
 
     def no_weight_decay_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimiser must not decay: the raw curvature (decay would pull c towards the
-        geometric mean of the bounds, which means nothing)."""
+        """Parameters the optimiser must not decay: the bounded raw curvature (decay would pull c towards the
+        geometric mean of the bounds, which means nothing). A "clamped" curvature is decayed, as by the authors."""
+        if self.curvature_param == "clamped":
+            return []
         return [self.curvature_raw] if isinstance(self.curvature_raw, nn.Parameter) else []
+
+    @torch.no_grad()
+    def clamp_curvature_(self) -> None:
+        """Put a "clamped" learned curvature back into ``curvature_bounds`` (call after each optimiser step);
+        a no-op for the bounded parameterisation, a fixed curvature and the flat geometries."""
+        if self.learn_curvature and self.curvature_param == "clamped":
+            self.curvature_raw.clamp_(*self.curvature_bounds)
 
     def _c(self, *trailing: int, dtype: torch.dtype) -> torch.Tensor:
         """Curvature shaped (M, *([1] * trailing)) for broadcasting, in ``dtype``."""
@@ -190,6 +219,58 @@ class ProductQuantizer(nn.Module):
         """(M, K, D) codewords on the manifold: exp0 of the clipped tangent codewords, c_m per subspace."""
         v = self._clip(self.geo.proj_tan0(self.codebook_tangent))
         return self.geo.expmap0(v, c=self._c(1, 1, dtype=v.dtype))
+
+    @torch.no_grad()
+    def init_codebooks_from_data(
+        self, features: torch.Tensor, *, n_iter: int = 25, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Replace the codewords with per-subspace k-means centroids of data (closes the gap between the
+        continuous embeddings and their codes when the random codewords sit where no data is).
+
+        features: (N, M*D) embeddings ahead of the quantizer (the projector's output), or (N, M, D); N >= K.
+        Lorentz: k-means on the clipped tangent vectors at the origin, the centroids stored as the tangent
+        codewords (mapped with exp0 on use). Euclidean: k-means on the points. Cosine: spherical k-means on the
+        intra-normalised sub-vectors. Lloyd iterations from a k-means++ seeding; an empty cluster is re-seeded
+        with the row farthest from its centroid. Returns the (M, K) cluster sizes.
+        """
+        v = self.tangent(features)  # validates the shape, float64 / float32 as given
+        if self.geometry == "cosine":
+            v = self.geo.proj(v)
+        N, M, _ = v.shape
+        K = self.n_codewords
+        if N < K:
+            raise ValueError(f"k-means initialisation needs at least K = {K} rows, got {N}")
+        n_iter = _check_int("n_iter", n_iter, 1)
+        X = v.transpose(0, 1).to(self.codebook_tangent.device)  # (M, N, D)
+        sub = torch.arange(M, device=X.device)[:, None]
+        # k-means++ seeding (each next centre drawn with probability ~ squared distance to the chosen ones):
+        # random distinct rows leave merged clusters behind that Lloyd iterations do not split.
+        first = torch.randint(N, (M, 1), generator=generator).to(X.device)
+        C = X[sub, first]  # (M, 1, D)
+        mind = ((X - C) ** 2).sum(-1)  # (M, N)
+        for _ in range(K - 1):
+            nxt = torch.multinomial(mind.clamp_min(0).cpu().float() + 1e-30, 1, generator=generator).to(X.device)
+            new = X[sub, nxt]  # (M, 1, D)
+            C = torch.cat([C, new], 1)
+            mind = torch.minimum(mind, ((X - new) ** 2).sum(-1))
+        for _ in range(n_iter):
+            d = torch.cdist(X, C)  # (M, N, K)
+            a = d.argmin(-1)  # (M, N)
+            sums = torch.zeros_like(C).index_put_((sub.expand_as(a), a), X, accumulate=True)
+            counts = torch.zeros(M, K, dtype=X.dtype, device=X.device).index_put_(
+                (sub.expand_as(a), a), torch.ones_like(a, dtype=X.dtype), accumulate=True
+            )
+            C = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], C)
+            if self.geometry == "cosine":
+                C = self.geo.proj(C)
+            for m in (counts == 0).any(1).nonzero().flatten().tolist():  # rare: re-seed from the worst-served rows
+                empty = (counts[m] == 0).nonzero().flatten()
+                far = d[m].gather(1, a[m][:, None]).squeeze(1).topk(len(empty)).indices
+                C[m, empty] = X[m, far]
+        counts = torch.zeros(M, K, dtype=torch.long, device=X.device)
+        counts.index_put_((sub.expand_as(a), a), torch.ones_like(a), accumulate=True)
+        self.codebook_tangent.copy_(C.to(self.codebook_tangent.dtype))
+        return counts
 
     # ------------------------------------------------------------------------------------------------------
     # Validation
@@ -376,5 +457,6 @@ class ProductQuantizer(nn.Module):
             f"n_subspaces={self.n_subspaces}, n_codewords={self.n_codewords}, "
             f"subspace_dim={self.subspace_dim}, "
             f"geometry={self.geometry!r}, tau={self.tau}, clip_r={self.clip_r}, "
-            f"learn_curvature={self.learn_curvature}, curvature_bounds=({lo}, {hi})"
+            f"learn_curvature={self.learn_curvature}, curvature_bounds=({lo}, {hi}), "
+            f"curvature_param={self.curvature_param!r}, init_from_data={self.init_from_data}"
         )

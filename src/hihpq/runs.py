@@ -34,7 +34,7 @@ def train_run(
     data has labels and ``evaluate``, the retrieval figures).
     """
     from hihpq import distributed
-    from hihpq.build import build_loss, build_model, train_settings
+    from hihpq.build import build_loss, build_model, torch_backbone, train_settings
     from hihpq.data.prepare import auto_levels, prepare_features, prepare_online
     from hihpq.evaluation import evaluate_online, evaluate_prepared
     from hihpq.models.io import save_model
@@ -74,7 +74,7 @@ def train_run(
     save_model(
         out / "model.pt",
         model,
-        backbone=None if online else prep.backbone,
+        backbone=None if online else torch_backbone(prep.backbone, cfg),
         resolution=cfg.backbone.resolution,
         provenance={"config": cfg.to_dict()},
     )

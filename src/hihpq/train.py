@@ -465,6 +465,8 @@ class Trainer:
         total_steps = self.s.epochs * n_batches
         while self.epoch < self.s.epochs:
             t0 = time.perf_counter()
+            if self.model.quantizer.init_from_data and self.epoch == self.s.hierarchy_warmup:
+                self._init_codebooks(source)
             hier_s = self._refresh_hierarchy(source)
             sums: dict[str, float] = {}
             perm = self.rng.permutation(source.n)
@@ -506,6 +508,28 @@ class Trainer:
                 self.save_checkpoint(ckpt)
             distributed.barrier()  # no rank runs ahead of the checkpoint it would resume from
         return self.history
+
+    def _init_codebooks(self, source: ViewSource) -> None:
+        """k-means codebooks from two views of every training image (quantizer.init_from_data), momentum reset.
+
+        Every rank embeds its shard of the views (the draws are the same on every rank); rank 0 fits, all copy."""
+        q = self.model.quantizer
+        self.model.eval()
+        distributed.broadcast_buffers(self.model)  # every rank embeds with rank 0's BatchNorm statistics
+        draws = source.draw(source.n, 2, self.rng)
+        lo, hi = distributed.shard_bounds(source.n, self.dist.world_size, self.dist.rank)
+        steps = [[(rows, draws[rows])] for rows in np.array_split(np.arange(lo, hi), max(1, (hi - lo) // 1024))]
+        with torch.no_grad():  # (rows, 2 views, M*D): rows in training-set order whatever the number of ranks
+            z = [torch.stack([self.model.project(x.to(self.device)).float().cpu() for x in xs], 1)
+                 for xs in source.stream(steps)]  # fmt: skip
+        Z = distributed.gather_arrays(torch.cat(z).numpy()).reshape(2 * source.n, -1)
+        books = None
+        if self.dist.is_main:
+            q.init_codebooks_from_data(torch.from_numpy(Z), generator=torch.Generator().manual_seed(self.s.seed))
+            books = q.codebook_tangent.detach().cpu()
+        with torch.no_grad():
+            q.codebook_tangent.copy_(distributed.broadcast_object(books))
+        self.optimizer.state.pop(q.codebook_tangent, None)
 
     def _plan_step(self, source: ViewSource, idx: np.ndarray) -> _StepPlan:
         """The step's global batch and all its random draws: two views of ``idx``, then one view of a positive per
@@ -585,6 +609,7 @@ class Trainer:
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        q.clamp_curvature_()  # the authors' clamped curvature back into bounds (no-op for the default)
         with torch.no_grad():
             h = out.h[: len(x) // n_groups].float()
             qerr = q.quantization_error(distributed.gather_rows(h))
@@ -621,7 +646,12 @@ def _param_groups(model: HiHPQ, s: TrainSettings) -> list[dict]:
     groups = {
         "weights": {"params": [], "weight_decay": s.weight_decay},
         "no_decay": {"params": [], "weight_decay": 0.0},
-        "curvature": {"params": [], "weight_decay": 0.0, "lr_scale": s.curvature_lr_scale},
+        # decayed only when the quantizer asks for it (the authors' clamped parameterisation)
+        "curvature": {
+            "params": [],
+            "weight_decay": 0.0 if id(q.curvature_raw) in no_decay else s.weight_decay,
+            "lr_scale": s.curvature_lr_scale,
+        },
         "backbone": {"params": [], "weight_decay": s.weight_decay, "lr_scale": s.backbone_lr_scale},
     }
     for p in model.parameters():

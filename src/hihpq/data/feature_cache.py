@@ -35,11 +35,14 @@ from tqdm.auto import tqdm
 from hihpq.data.folders import ImageSource, SkipLog
 from hihpq.data.protocols import default_cache_dir
 from hihpq.data.transforms import (
+    AUGMENT_IMPL,
     AugmentConfig,
+    clean_draft_size,
     derive_seed,
     eval_transform,
     eval_transform_config,
     train_transform,
+    view_draft_size,
 )
 
 __all__ = [
@@ -416,8 +419,10 @@ class _ViewItems(torch.utils.data.Dataset):
         transform: Callable[..., torch.Tensor],
         n_views: int,
         seed: int,
+        draft_size: int | None = None,
     ) -> None:
         self.source, self.indices = source.with_transform(None), indices
+        self.source.draft_size = draft_size
         self.transform, self.n_views, self.seed = transform, n_views, seed
 
     def __len__(self) -> int:
@@ -463,13 +468,19 @@ def _backbone_fields(backbone: torch.nn.Module) -> dict[str, Any]:
     for attr in ("name", "weights_id", "feature_dim", "mean", "std", "default_resolution"):
         if not hasattr(backbone, attr):
             raise TypeError(f"backbone must be a hihpq Backbone (no attribute {attr!r})")
-    return {
+    fields = {
         "name": backbone.name,
         "weights": backbone.weights_id,
         "feature_dim": int(backbone.feature_dim),
         "mean": list(backbone.mean),
         "std": list(backbone.std),
     }
+    # An inference runtime (hihpq.models.runtime) computes slightly different numbers: its name, version and
+    # precision key its own entries. The PyTorch reference has none, so its existing entries stay valid.
+    runtime_id = getattr(backbone, "runtime_id", None)
+    if runtime_id is not None:
+        fields["runtime"] = dict(runtime_id)
+    return fields
 
 
 def _run_extraction(
@@ -606,6 +617,7 @@ def extract_clean_features(
     cache: FeatureCache | None = None,
     num_workers: int = 1,
     progress: bool = True,
+    jpeg_draft: bool = True,
 ) -> ExtractedFeatures:
     """Backbone features of the clean (evaluation) view of ``dataset[indices]``: (N, F) float16.
 
@@ -622,6 +634,9 @@ def extract_clean_features(
         num_workers: DataLoader worker processes decoding while the backbone runs (0 = decode in this
             process). 1 was fastest for 32 px CIFAR JPEGs on 2 shared cores.
         progress: show a tqdm bar.
+        jpeg_draft: decode JPEG files at a reduced scale that keeps the resize target (PIL draft): several
+            times faster on photos, slightly different pixels (part of the cache key); no effect on images
+            already smaller than the target (CIFAR).
 
     Returns:
         :class:`ExtractedFeatures`: ``features`` (N, F) float16, ``valid`` (N,) bool, ...
@@ -630,6 +645,8 @@ def extract_clean_features(
     backbone_fields = _backbone_fields(backbone)
     res = int(resolution if resolution is not None else backbone.default_resolution)
     transform = eval_transform(res, backbone.mean, backbone.std, crop_ratio)
+    source = dataset.with_transform(transform)
+    source.draft_size = clean_draft_size(res, crop_ratio) if jpeg_draft else None
     fields = {
         "kind": "clean",
         "dataset": dataset.identity(),
@@ -637,12 +654,13 @@ def extract_clean_features(
         "n": len(idx),
         "backbone": backbone_fields,
         "transform": eval_transform_config(res, crop_ratio),
+        "jpeg_draft": source.draft_size,
     }
     return _extract(
         backbone,
         dataset,
         idx,
-        _CleanItems(dataset.with_transform(transform), idx),
+        _CleanItems(source, idx),
         fields,
         (int(backbone.feature_dim),),
         name="clean",
@@ -668,6 +686,7 @@ def extract_view_features(
     cache: FeatureCache | None = None,
     num_workers: int = 2,
     progress: bool = True,
+    jpeg_draft: bool = True,
 ) -> ExtractedFeatures:
     """Backbone features of ``n_views`` augmented views of each image of ``dataset[indices]``.
 
@@ -683,6 +702,8 @@ def extract_view_features(
         batch_size: views per forward pass (whole images: ``max(1, batch_size // n_views)`` images).
         num_workers: DataLoader worker processes decoding and augmenting while the backbone runs (the
             augmentation costs 2-3 ms of CPU per view at 112 px); 2 was fastest on 2 shared cores.
+        jpeg_draft: decode JPEG files at a reduced scale that keeps ``resolution`` pixels across the smallest
+            crop the augmentation draws (see :func:`~hihpq.data.transforms.view_draft_size`; part of the key).
         Others: as :func:`extract_clean_features`.
 
     Returns:
@@ -706,13 +727,15 @@ def extract_view_features(
         "seed": int(seed),
         # the transforms' random streams belong to torchvision: another version may draw other views
         "torchvision": torchvision.__version__.split("+")[0],
+        "augment_impl": AUGMENT_IMPL,
+        "jpeg_draft": view_draft_size(augment) if jpeg_draft else None,
     }
     transform = train_transform(augment, backbone.mean, backbone.std)
     return _extract(
         backbone,
         dataset,
         idx,
-        _ViewItems(dataset, idx, transform, v, int(seed)),
+        _ViewItems(dataset, idx, transform, v, int(seed), fields["jpeg_draft"]),
         fields,
         (v, int(backbone.feature_dim)),
         name="views",

@@ -210,14 +210,17 @@ def prepare_features(
     built on ``cfg.train.device``. ``views=False`` skips the augmented training views (evaluation only).
     """
     from hihpq.data import AugmentConfig, FeatureCache, extract_clean_features, extract_view_features
-    from hihpq.models import build_backbone
+    from hihpq.models import frozen_backbone
 
     if cfg.backbone.trainable and backbone is None:
         raise ValueError("the feature cache needs a frozen backbone (backbone.trainable=false)")
     split = split if split is not None else make_split(cfg, data_dir)
-    if backbone is None:
-        backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights).to(cfg.train.device)
-    device = next(backbone.parameters()).device
+    if backbone is None:  # in the fastest allowed runtime (hihpq.models.runtime)
+        b = cfg.backbone
+        device = cfg.train.device
+        backbone = frozen_backbone(b.name, b.weights, b.resolution, b.runtime, b.precision, device)
+    else:
+        device = next(backbone.parameters()).device
     cache = FeatureCache(cfg.features.cache_dir)
     used = np.unique(np.concatenate([split.query, split.database, split.train]))
     common = {"batch_size": cfg.features.batch_size, "device": device, "cache": cache, "progress": progress}

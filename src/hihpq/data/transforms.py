@@ -9,6 +9,7 @@ ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.7, grayscale with p = 0.2, Gaussian b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,16 +18,21 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 __all__ = [
+    "AUGMENT_IMPL",
+    "Augment",
     "AugmentConfig",
     "MultiViews",
     "TwoViews",
+    "clean_draft_size",
     "derive_seed",
     "eval_transform",
     "eval_transform_config",
     "seeded_call",
     "train_transform",
+    "view_draft_size",
 ]
 
 
@@ -100,24 +106,65 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> T.Normalize:
     return T.Normalize([float(m) for m in mean], [float(s) for s in std])
 
 
+#: Identity of :class:`Augment`'s order of operations (cache keys): the same random draws as the torchvision
+#: Compose of the module doc, but colour operations run at the crop's own size when that is smaller than the
+#: output, and the blur on the float tensor; the views differ from the Compose's by rounding and resampling order.
+AUGMENT_IMPL = "crop-colour-resize-v1"
+
+
+class Augment:
+    """The augmentation (see the module doc): PIL RGB image -> (3, res, res) normalised float tensor.
+
+    Cheap order: crop at the source resolution, then flip and colour jitter / grayscale on whichever is smaller,
+    the crop or the output (a 32 px CIFAR crop is 49x fewer pixels than a 224 px view), then resize, then the
+    blur on the tensor (torchvision blurs a PIL image through a tensor round trip). The random draws come in
+    the order of the torchvision Compose, so a seed picks the same crop, flip, jitter and blur.
+    """
+
+    def __init__(self, config: AugmentConfig, mean: Sequence[float], std: Sequence[float]) -> None:
+        if not isinstance(config, AugmentConfig):
+            raise TypeError(f"config must be an AugmentConfig, got {type(config).__name__}")
+        c = self.config = config
+        self.crop = T.RandomResizedCrop(c.resolution, scale=c.crop_scale, interpolation=T.InterpolationMode.BILINEAR)
+        self.flip = T.RandomHorizontalFlip(p=c.flip_p)
+        self.colour = T.Compose(
+            [T.RandomApply([T.ColorJitter(*c.jitter)], p=c.jitter_p), T.RandomGrayscale(p=c.grayscale_p)]
+        )
+        self.blur = T.RandomApply([T.GaussianBlur(c.blur_kernel, sigma=c.blur_sigma)], p=c.blur_p)
+        self.normalize = _normalize(mean, std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        res = self.config.resolution
+        top, left, h, w = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        patch = self.flip(image.crop((left, top, left + w, top + h)))
+        small = h * w < res * res
+        if small:
+            patch = self.colour(patch)
+        patch = patch.resize((res, res), Image.Resampling.BILINEAR)
+        if not small:
+            patch = self.colour(patch)
+        return self.normalize(self.blur(TF.to_tensor(patch)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
 def train_transform(
     config: AugmentConfig, mean: Sequence[float], std: Sequence[float]
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The augmentation: PIL RGB image -> (3, res, res) float tensor normalised with ``mean``/``std``."""
-    if not isinstance(config, AugmentConfig):
-        raise TypeError(f"config must be an AugmentConfig, got {type(config).__name__}")
-    c = config
-    return T.Compose(
-        [
-            T.RandomResizedCrop(c.resolution, scale=c.crop_scale, interpolation=T.InterpolationMode.BILINEAR),
-            T.RandomHorizontalFlip(p=c.flip_p),
-            T.RandomApply([T.ColorJitter(*c.jitter)], p=c.jitter_p),
-            T.RandomGrayscale(p=c.grayscale_p),
-            T.RandomApply([T.GaussianBlur(c.blur_kernel, sigma=c.blur_sigma)], p=c.blur_p),
-            T.ToTensor(),
-            _normalize(mean, std),
-        ]
-    )
+    return Augment(config, mean, std)
+
+
+def view_draft_size(config: AugmentConfig) -> int:
+    """Side to decode JPEGs at (PIL draft, both sides >= it) for augmented views: the smallest crop the
+    augmentation can draw (area ``crop_scale[0]``, aspect 3/4) still has ``resolution`` pixels per side."""
+    return math.ceil(config.resolution / math.sqrt(config.crop_scale[0] * 3 / 4))
+
+
+def clean_draft_size(resolution: int, crop_ratio: float = 1.0) -> int:
+    """Side to decode JPEGs at for :func:`eval_transform`: its resize target, the shorter side."""
+    return round(_resolution(resolution) / crop_ratio)
 
 
 def eval_transform(

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from hihpq import __version__
-from hihpq.index.pq_index import EuclideanPQIndex, HyperbolicPQIndex, _check_metadata, _ItemMetadata
+from hihpq.index.pq_index import HyperbolicPQIndex, _check_metadata, _ItemMetadata, index_class
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "IndexFileError", "describe_index", "read_index", "write_index"]
 
@@ -239,7 +239,7 @@ def _check_header(h: dict, header_len: int, file_size: int) -> None:
     """Types, values and section layout of a header (raises KeyError / TypeError / ValueError)."""
     if not isinstance(h, dict) or h.get("format") != "hihpq-index":
         raise ValueError("not a hihpq-index header")
-    if h["geometry"] not in ("lorentz", "euclidean"):
+    if h["geometry"] not in ("lorentz", "euclidean", "cosine"):
         raise ValueError(f"unknown geometry {h['geometry']!r}")
     if h["metric"] not in ("adc", "sdc"):
         raise ValueError(f"unknown metric {h['metric']!r}")
@@ -361,7 +361,7 @@ def read_index(
         curv = _load(path, f, sections["curvatures"], mmap=False)
         books = _load(path, f, sections["codebooks"], mmap=False)
         M, K, N = header["M"], header["K"], header["ntotal"]
-        cls = EuclideanPQIndex if header["geometry"] == "euclidean" else HyperbolicPQIndex
+        cls = index_class(header["geometry"])  # the geometry decides the scores (a cosine index scores by cosine)
         try:
             index = cls(books, curv, geometry=header["geometry"], clip_r=header["clip_r"], metric=header["metric"])
         except (TypeError, ValueError) as e:

@@ -12,7 +12,8 @@ through lookup tables:
 Results are ranked by (distance, id) and padded with (inf, -1) when fewer than k items are searched;
 distances are float32 sums of float32 table entries in subspace order, so they equal
 :func:`hihpq.index.kernel.reference_scan` exactly. ``geometry="euclidean"`` gives the Euclidean twin
-(per-subspace L2 distance, not squared, summed) behind the same surface.
+(per-subspace L2 distance, not squared, summed) and ``geometry="cosine"`` the MeCoQ-style counterpart (per-subspace
+cosine distance 1 - cos, summed: D = M - the summed cosine score) behind the same surface.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import numpy as np
 from hihpq.index import kernel as _kernel
 from hihpq.index.tables import check_on_manifold, codeword_tables, query_tables
 
-__all__ = ["EuclideanPQIndex", "HyperbolicPQIndex"]
+__all__ = ["CosinePQIndex", "EuclideanPQIndex", "HyperbolicPQIndex"]
 
 _METRICS = ("adc", "sdc")
-_GEOMETRY_ALIASES = {"lorentz": "lorentz", "hyperbolic": "lorentz", "euclidean": "euclidean"}
+_GEOMETRY_ALIASES = {"lorentz": "lorentz", "hyperbolic": "lorentz", "euclidean": "euclidean", "cosine": "cosine"}
 _MIN_CAPACITY = 1024
 _QUERY_CHUNK = 4096  # queries per table batch: 4096 x M x K float32 tables (16 MB at M = 4)
 
@@ -188,7 +189,8 @@ class HyperbolicPQIndex:
             code is M bytes. Lorentz: D is the ambient dimension (time coordinate first).
         curvatures: (M,) positive c_m (curvature -c_m) or a scalar for all subspaces; default 1. Ignored by
             the Euclidean geometry except for being stored.
-        geometry: "lorentz" (alias "hyperbolic") or "euclidean" (the twin).
+        geometry: "lorentz" (alias "hyperbolic"), "euclidean" (the twin) or "cosine" (MeCoQ-style: codewords
+            and query segments are normalised, scores are cosine distances).
         clip_r: the tangent clipping radius the embeddings were made with (stored for encoders; search does
             not use it). None for no clipping.
         metric: default metric of :meth:`search`: "adc" (asymmetric) or "sdc" (symmetric).
@@ -266,7 +268,7 @@ class HyperbolicPQIndex:
         ``curvature`` (M,), ``geometry`` and ``clip_r``, as :class:`hihpq.quantizer.ProductQuantizer`)."""
         C = quantizer.codebooks() if callable(quantizer.codebooks) else quantizer.codebooks
         geometry = _check_geometry(quantizer.geometry)
-        kind = EuclideanPQIndex if geometry == "euclidean" else HyperbolicPQIndex
+        kind = index_class(geometry)
         return kind(C, quantizer.curvature, geometry=geometry, clip_r=quantizer.clip_r, metric=metric)
 
     def _from_storage(
@@ -682,3 +684,19 @@ class EuclideanPQIndex(HyperbolicPQIndex):
         if _check_geometry(geometry) != "euclidean":
             raise ValueError(f"EuclideanPQIndex has geometry 'euclidean', got {geometry!r}")
         super().__init__(codebooks, curvatures, geometry="euclidean", clip_r=clip_r, metric=metric)
+
+
+class CosinePQIndex(HyperbolicPQIndex):
+    """The MeCoQ-style counterpart: per-subspace cosine distances 1 - cos summed over subspaces, same surface."""
+
+    def __init__(self, codebooks, curvatures=None, *, geometry: str = "cosine", clip_r=None, metric="adc"):
+        if _check_geometry(geometry) != "cosine":
+            raise ValueError(f"CosinePQIndex has geometry 'cosine', got {geometry!r}")
+        super().__init__(codebooks, curvatures, geometry="cosine", clip_r=clip_r, metric=metric)
+
+
+def index_class(geometry: str) -> type[HyperbolicPQIndex]:
+    """The index class of a geometry name (aliases accepted)."""
+    return {"lorentz": HyperbolicPQIndex, "euclidean": EuclideanPQIndex, "cosine": CosinePQIndex}[
+        _check_geometry(geometry)
+    ]

@@ -8,6 +8,8 @@ Lorentz (curvature -c, c > 0): d(x, y) = arcosh(-c <x, y>_L) / sqrt(c) with <x, 
 (Eq. 2).
 Euclidean twin: d(x, y) = |x - y| per subspace (not squared: the product distance is the sum of the M
 subspace distances in both geometries, Eq. 8).
+Cosine (MeCoQ-style counterpart): d(x, y) = 1 - cos(x, y) per subspace, both normalised, so the product distance
+is M minus the sum of the subspace cosines and ranking by it ranks by the summed cosine score.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 __all__ = ["GEOMETRIES", "check_on_manifold", "codeword_tables", "query_tables"]
 
-GEOMETRIES = ("lorentz", "euclidean")
+GEOMETRIES = ("lorentz", "euclidean", "cosine")
 _CHUNK = 4096  # queries per block: bounds the (M, n, K) float64 temporaries to ~32 MB at M = 4, K = 256
 
 
@@ -52,9 +54,20 @@ def _euclid_dist(x: np.ndarray, C: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0))
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-300)
+
+
+def _cosine_dist(x: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """x (M, n, D), C (M, K, D) -> (M, n, K) cosine distances 1 - cos, float64."""
+    return 1.0 - np.matmul(_unit(x), _unit(C).transpose(0, 2, 1))
+
+
 def _pairwise(geometry: str, x: np.ndarray, C: np.ndarray, c: np.ndarray) -> np.ndarray:
     if geometry == "lorentz":
         return _lorentz_dist(x, C, c)
+    if geometry == "cosine":
+        return _cosine_dist(x, C)
     return _euclid_dist(x, C)
 
 
@@ -83,11 +96,21 @@ def codeword_tables(codebooks: np.ndarray, curvatures: np.ndarray, geometry: str
 
 
 def check_on_manifold(x: np.ndarray, curvatures: np.ndarray, geometry: str, *, what: str, tol: float = 1e-3) -> None:
-    """Raise ValueError unless each segment of x (n, M, D) lies on its Lorentz manifold (no-op for Euclidean).
+    """Raise ValueError unless each segment of x (n, M, D) lies on its Lorentz manifold, or, for the cosine
+    geometry, has a direction (a zero segment has no cosine); a no-op for Euclidean.
 
     <x, x>_L = -1/c with x0 > 0, up to a relative tolerance that accepts float32-rounded points (the error of
     c <x, x>_L grows like c x0^2) but rejects a wrong curvature or tangent vectors passed as points.
     """
+    if geometry == "cosine" and x.size:
+        norms = np.linalg.norm(np.asarray(x, np.float64), axis=-1)
+        if not (norms > 0).all():
+            row, m = np.argwhere(~(norms > 0))[0]
+            raise ValueError(
+                f"{what} have a zero segment (segment {m} of row {row}): the cosine geometry scores directions, "
+                "so every segment needs a nonzero norm (pass the quantizer's embed() output)"
+            )
+        return
     if geometry != "lorentz" or x.size == 0:
         return
     x = np.asarray(x, np.float64)

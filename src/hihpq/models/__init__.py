@@ -10,12 +10,15 @@ from hihpq.models.backbones import (
     build_backbone,
 )
 from hihpq.models.projector import Projector
+from hihpq.models.runtime import CompiledBackbone, frozen_backbone
 
 __all__ = [
     "BACKBONES",
     "Backbone",
+    "CompiledBackbone",
     "Projector",
     "WeightsNotFoundError",
     "available_backbones",
     "build_backbone",
+    "frozen_backbone",
 ]

@@ -5,7 +5,7 @@ A model file is a dict that ``torch.load(..., weights_only=True)`` reads:
 - ``format``: "hihpq-model/2".
 - ``projector``: the :class:`~hihpq.models.projector.Projector` arguments (in_dim, out_dim, kind, hidden).
 - ``quantizer``: the :class:`~hihpq.quantizer.ProductQuantizer` arguments (n_subspaces, n_codewords, subspace_dim,
-  geometry, tau, curvature, learn_curvature, curvature_bounds, clip_r).
+  geometry, tau, curvature, learn_curvature, curvature_bounds, clip_r, curvature_param).
 - ``backbone``: None for a model on backbone features only, else name, resolution, mean, std, feature_dim,
   trainable (the trained layers, "none" when frozen), weights_id, weights_sha256 (SHA-256 of its tensors) and
   ``stored``. A frozen backbone with the packaged / torchvision default weights is not stored: it is rebuilt on
@@ -41,8 +41,8 @@ __all__ = [
     "MODEL_FORMAT",
     "ModelFile",
     "ModelFileError",
-    "frozen_backbone",
     "load_model",
+    "rebuild_frozen_backbone",
     "save_model",
     "tensors_sha256",
 ]
@@ -90,6 +90,7 @@ def _quantizer_args(q: ProductQuantizer) -> dict[str, Any]:
         "learn_curvature": bool(q.learn_curvature),
         "curvature_bounds": [float(lo), float(hi)],
         "clip_r": None if q.clip_r is None else float(q.clip_r),
+        "curvature_param": str(getattr(q, "curvature_param", "bounded")),
     }
 
 
@@ -184,7 +185,7 @@ class ModelFile:
         return self.model.backbone if self.model.backbone is not None else self.frozen_backbone
 
 
-def frozen_backbone(name: str, *, weights_sha256: str | None = None, state: dict | None = None) -> nn.Module:
+def rebuild_frozen_backbone(name: str, *, weights_sha256: str | None = None, state: dict | None = None) -> nn.Module:
     """The frozen backbone ``name``, with its default weights (checked against ``weights_sha256``) or ``state``.
 
     The one place a model's frozen backbone is built (on the CPU, eval mode, frozen).
@@ -232,7 +233,7 @@ def _convert_format1(payload: dict, path: Path) -> dict:
             "n_subspaces": M,
             "n_codewords": int(q["n_codewords"]),
             "subspace_dim": D,
-            "geometry": "euclidean" if q["geometry"] == "euclidean" else "lorentz",
+            "geometry": q["geometry"],
             "tau": float(q["tau"]),
             "curvature": float(q["curvature"]),
             "learn_curvature": bool(q["learn_curvature"]),
@@ -314,7 +315,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFil
         raise ModelFileError(f"{file}: the stored tensors do not fit the stored architecture: {exc}") from exc
     frozen = None
     if record is not None and trained is None:
-        frozen = frozen_backbone(
+        frozen = rebuild_frozen_backbone(
             record["name"], weights_sha256=record.get("weights_sha256"), state=backbone_state or None
         )
     if record is not None:
