@@ -47,7 +47,7 @@ def test_unlabelled_folder_trains_on_every_image_without_evaluation(photos):
     assert "eval" not in record  # no labels, nothing held out
     assert record["skipped_images"] == 1  # the corrupt file, counted
     cfg = load_config(str(run / "config.yaml"))
-    assert cfg.data.dataset == "images" and cfg.hierarchy.levels == [2]  # 36 readable images: N/50 clipped to 2
+    assert cfg.data.dataset == "images" and cfg.hierarchy.levels == [2]  # 37 images: N/50 clipped to 2
     assert (run / "model.pt").is_file()
 
 

@@ -50,7 +50,83 @@ def _load(args) -> object:
         overrides.append(f"train.device={args.device}")
     if getattr(args, "data", None):
         overrides.append(f"data.root={args.data}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    _check_device(cfg.train.device)
+    return cfg
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device that is not there is refused here, not by a traceback deep in the first model move."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but no CUDA device is available here; use --device cpu")
+    n = int(device.split(":", 1)[1]) if ":" in device else 0
+    if n >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (refused at parse time, before a model is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+#: Config keys a resumed run may change: where things are and how fast they run, not what is computed.
+RESUME_SAFE_KEYS = (
+    "name",
+    "data.root",
+    "features.cache_dir",
+    "features.num_workers",
+    "train.device",
+    "train.num_threads",
+    "eval.",
+)
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_config_differences(a, b, f"{name}."))
+        elif a != b and not any(name == k or (k.endswith(".") and name.startswith(k)) for k in RESUME_SAFE_KEYS):
+            out.append(f"{name}: {a!r} in the run, {b!r} now")
+    return out
+
+
+def _check_run_folder(out: Path, cfg, *, resume: bool, force: bool) -> None:
+    """Before any work: --resume continues the same run (a checkpoint and an unchanged config), and a plain
+    train does not overwrite a run folder's results without --force."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise FileNotFoundError(f"--resume given but no checkpoint at {out / 'checkpoint.pt'}")
+        saved_path = out / "config.yaml"
+        if not saved_path.is_file():
+            raise FileNotFoundError(f"--resume: {saved_path} is missing, so the resumed config cannot be checked")
+        diff = _config_differences(load_config(str(saved_path)).to_dict(), cfg.to_dict())
+        if diff:
+            raise ConfigError(
+                f"--resume with a config that differs from the run's {saved_path}: {'; '.join(diff)}. "
+                f"Resume with the run's own config, or train into another --out (only {', '.join(RESUME_SAFE_KEYS)}* "
+                "may change)"
+            )
+    elif not force and any((out / name).exists() for name in ("model.pt", "checkpoint.pt")):
+        held = "a finished run (model.pt)" if (out / "model.pt").exists() else "an interrupted run (checkpoint.pt)"
+        raise ConfigError(
+            f"{out} already holds {held}; pass --resume to continue it, --force to train over it, or another --out"
+        )
 
 
 # ------------------------------------------------------------------------------------------------- commands
@@ -64,7 +140,14 @@ def cmd_train(args) -> int:
     from hihpq.runs import train_run
 
     cfg = _load(args)
-    out = train_run(cfg, args.out, resume=args.resume, evaluate=not args.no_eval)
+    from hihpq.data.prepare import make_split, resolve_levels
+
+    out = Path(args.out or f"runs/{cfg.name}")
+    split = make_split(cfg)  # every process: concurrent unpackers of the CIFAR-10 tarball are safe
+    resolve_levels(cfg, len(split.train))  # hierarchy sizes from the data when the config gives none
+    cfg.check_training_size(len(split.train))  # before the features: levels against the training set
+    _check_run_folder(out, cfg, resume=args.resume, force=args.force)
+    out = train_run(cfg, out, resume=args.resume, evaluate=not args.no_eval, split=split)
     print(f"model, log and run record in {out}/")
     return 0
 
@@ -105,9 +188,12 @@ def cmd_evaluate(args) -> int:
 
 def cmd_encode(args) -> int:
     from hihpq import evaluation as E
+    from hihpq.atomic import check_output
     from hihpq.encoder import Encoder
     from hihpq.index import write_index
+    from hihpq.index.io import is_index_file
 
+    check_output(args.out, looks_like=is_index_file, what="hihpq index file", force=args.force)  # before any work
     if args.shard and not args.images:
         raise ValueError("--shard needs --images FOLDER (the protocol's database is encoded in one pass)")
     enc = Encoder.load(args.model, device=args.device)
@@ -131,12 +217,13 @@ def cmd_encode(args) -> int:
         names = [split.dataset.describe(int(i)) for i in split.database]
         index = E.build_index(enc.model_file.model, emb, metric=args.metric)
         index.user_metadata = {**index.user_metadata, **enc.index_metadata()}
-    write_index(index, out, item_names=names)
+    write_index(index, out, item_names=names, force=args.force)
     print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {out}")
     return 0
 
 
 def cmd_search(args) -> int:
+    from hihpq.data.folders import readable_images
     from hihpq.data.prepare import list_images
     from hihpq.encoder import Encoder
     from hihpq.index import read_index
@@ -146,9 +233,14 @@ def cmd_search(args) -> int:
     model_path = args.model or index.user_metadata.get("model")
     if not model_path:
         raise ValueError("this index records no model; pass --model RUN_DIR")
+    queries, bad = readable_images(list_images(args.query))  # one bad query is skipped, not fatal
+    if bad:
+        more = ", ..." if len(bad) > 5 else ""
+        print(f"skipped {len(bad)} unreadable query image(s): {'; '.join(bad[:5])}{more}", file=sys.stderr)
+    if not queries:
+        raise ValueError(f"no readable query image in {args.query}")
     enc = Encoder.load(model_path, device=args.device)
     check_model(args.index, index.user_metadata, enc)
-    queries = list_images(args.query)
     emb = enc.embed(queries)
     D, I = index.search(emb, args.k)
     for q, drow, irow in zip(queries, D, I, strict=True):
@@ -190,6 +282,7 @@ def cmd_index_merge(args) -> int:
 def cmd_serve(args) -> int:
     from hihpq.service import serve
 
+    _check_device(args.device)
     options = {"device": args.device, "k": args.k, "k_max": max(args.k, 100), "max_upload_mb": args.max_upload_mb}
     options["threads"] = args.threads
     serve(args.index, args.model, host=args.host, port=args.port, **options)
@@ -199,16 +292,19 @@ def cmd_serve(args) -> int:
 def cmd_index_info(args) -> int:
     from hihpq.index import describe_index
 
-    info = describe_index(args.index)
+    info = describe_index(args.index, verify=args.verify)  # --verify: every checksum, IndexFileError on a mismatch
     width = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k:<{width}}  {v}")
+    if args.verify:
+        print("every section checksum matches")
     return 0
 
 
 def cmd_demo(args) -> int:
     from hihpq.demo import run_demo
 
+    _check_device(args.device)
     run_demo(data=args.data, out=args.out, device=args.device, quick=args.quick)
     return 0
 
@@ -218,6 +314,7 @@ def cmd_bench(args) -> int:
 
     overrides = list(args.overrides)
     if args.device:
+        _check_device(args.device)
         overrides.append(f"train.device={args.device}")
     out = Path(args.out)
     run_grid(args.protocol, args.methods, args.bits, args.seeds, out, overrides, args.data, progress=not args.quiet)
@@ -261,14 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-labels", metavar="FILE.csv", help="with --images: path,label lines enabling evaluation")
     p.add_argument("--out", help="run directory (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (same config)")
+    p.add_argument("--force", action="store_true", help="train over a run already in --out")
     p.add_argument("--no-eval", action="store_true", help="skip the retrieval evaluation after training")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="mAP@K of a trained model on its protocol")
     p.add_argument("model", help="run directory or model.pt")
     p.add_argument("--data")
-    p.add_argument("--topk", type=int)
+    p.add_argument("--topk", type=_positive_int)
     p.add_argument("--metric", choices=["adc", "sdc"])
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument(
@@ -286,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
+    p.add_argument("--force", action="store_true", help="overwrite --out even when it is not an index file")
     p.add_argument(
         "--shard",
         metavar="I/N",
@@ -297,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="search an index with query images")
     p.add_argument("index")
     p.add_argument("--query", required=True, help="an image or a folder of images")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=_positive_int, default=10)
     p.add_argument("--model", help="run directory (default: the one recorded in the index)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.set_defaults(func=cmd_search)
@@ -308,15 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
-    p.add_argument("-k", type=int, default=10, help="results per search unless the request says (default 10)")
+    p.add_argument("-k", type=_positive_int, default=10, help="results per search unless the request says (default 10)")
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted upload (default 10 MB)")
-    p.add_argument("--threads", type=int, help="torch threads of the model (default: the usable cores)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads of the model (default: the usable cores)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("index", help="index file tools")
     isub = p.add_subparsers(dest="index_command", required=True)
     pi = isub.add_parser("info", help="describe an index file")
     pi.add_argument("index")
+    pi.add_argument("--verify", action="store_true", help="check every section's checksum (exit 2 on a mismatch)")
     pi.set_defaults(func=cmd_index_info)
     pa = isub.add_parser("add", help="encode images with the index's own model and append them (atomic)")
     pa.add_argument("index")
@@ -376,11 +476,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every SIMD build it tries
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes, never crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"hihpq {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None or args.verbose:  # a bug, or asked for: the traceback
+            raise
+        print(f"hihpq {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: Exception) -> str | None:
+    """The message of an error caused by the input or the machine (None: a bug, shown with its traceback)."""
+    train = sys.modules.get("hihpq.train")
+    if isinstance(exc, ConfigError | ValueError) or (train and isinstance(exc, train.TrainingDiverged)):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError) and exc.filename is None:
+        return str(exc)  # ours: the message says what is missing and what to do
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename} is a folder, not a file"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+    if isinstance(exc, RuntimeError) and "state_dict" in str(exc):
+        first = str(exc).strip().splitlines()[0]
+        return f"the model file does not fit the model its config builds (wrong shapes or keys): {first}"
+    return None
 
 
 if __name__ == "__main__":

@@ -149,13 +149,17 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        """Refuse impossible settings with a message that says what to change."""
+        """Refuse impossible settings with a message that says what to change: every field against its declared
+        type and range (:data:`SCHEMA`), then the checks that involve several fields."""
+        if isinstance(self.train.amp, bool):  # configs written before amp had modes: true meant bf16 autocast
+            self.train.amp = "bf16" if self.train.amp else "none"
+        check_schema(self)
         q = self.quantizer
         k = q.n_codewords
-        if k < 2 or k & (k - 1):
-            raise ConfigError(f"quantizer.n_codewords must be a power of two >= 2, got {k}")
+        if k & (k - 1):
+            raise ConfigError(f"quantizer.n_codewords must be a power of two in [2, 256], got {k}")
         log2k = int(math.log2(k))
-        if q.bits <= 0 or q.bits % log2k:
+        if q.bits % log2k:
             raise ConfigError(f"quantizer.bits={q.bits} is not a multiple of log2(n_codewords)={log2k}")
         m = q.n_subspaces
         if q.feature_dim % m:
@@ -165,53 +169,213 @@ class Config:
             )
         if q.subspace_dim < 2:
             raise ConfigError(f"each subspace needs dimension >= 2, got feature_dim / M = {q.subspace_dim}")
-        if q.geometry not in ("lorentz", "hyperbolic", "euclidean", "cosine"):
-            raise ConfigError(f"quantizer.geometry must be 'lorentz', 'euclidean' or 'cosine', got {q.geometry!r}")
-        if q.curvature_param not in ("bounded", "clamped"):
-            raise ConfigError(f"quantizer.curvature_param must be 'bounded' or 'clamped', got {q.curvature_param!r}")
-        if self.loss.instance_denominator not in ("ours", "paper"):
+        if not q.curvature_min < q.curvature_max:
             raise ConfigError(
-                f"loss.instance_denominator must be 'ours' or 'paper', got {self.loss.instance_denominator!r}"
+                f"quantizer needs curvature_min < curvature_max, got {q.curvature_min} and {q.curvature_max}"
             )
-        if not 0 < q.curvature_min < q.curvature_max:
-            raise ConfigError("quantizer needs 0 < curvature_min < curvature_max")
-        if not q.curvature_min <= q.curvature <= q.curvature_max:
-            raise ConfigError(f"quantizer.curvature={q.curvature} outside [{q.curvature_min}, {q.curvature_max}]")
-        _positive(self, "quantizer.tau", "loss.tau_qc", "train.lr", "train.batch_size", "train.epochs")
-        _positive(self, "features.n_views", "backbone.resolution", "eval.topk")
-        if self.features.n_views < 2:
-            raise ConfigError("features.n_views must be >= 2 (two different views per image per step)")
-        if self.train.batch_size < 2:
-            raise ConfigError("train.batch_size must be >= 2 (the contrastive loss needs negatives)")
-        for key in ("curvature_lr_scale", "backbone_lr_scale"):
-            if getattr(self.train, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
-        if self.loss.lambda1 < 0 or self.loss.lambda2 < 0:
-            raise ConfigError("loss.lambda1 and loss.lambda2 must be >= 0")
+        hyperbolic = q.geometry in ("lorentz", "hyperbolic")
+        if hyperbolic and not q.curvature_min < q.curvature < q.curvature_max:  # the quantizer's open interval
+            raise ConfigError(
+                f"quantizer.curvature={q.curvature} outside the open interval "
+                f"(curvature_min, curvature_max) = ({q.curvature_min}, {q.curvature_max})"
+            )
+        if self.train.min_lr > self.train.lr:
+            raise ConfigError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}")
         levels = self.hierarchy.levels
-        if any(int(n) < 1 for n in levels) or list(levels) != sorted(set(levels), reverse=True):
+        if list(levels) != sorted(set(levels), reverse=True):
             raise ConfigError(f"hierarchy.levels must be distinct positive sizes, coarsest last; got {levels}")
-        if self.data.dataset not in DATASETS:
-            raise ConfigError(f"data.dataset must be one of {DATASETS}, got {self.data.dataset!r}")
-        if self.data.protocol.upper() not in ("I", "II"):
-            raise ConfigError(f"data.protocol must be 'I' or 'II', got {self.data.protocol!r}")
-        if self.eval.metric not in ("adc", "sdc"):
-            raise ConfigError(f"eval.metric must be 'adc' or 'sdc', got {self.eval.metric!r}")
-        if isinstance(self.train.amp, bool):  # configs written before amp had modes: true meant bf16 autocast
-            self.train.amp = "bf16" if self.train.amp else "none"
-        if self.train.amp not in ("none", "bf16", "fp16"):
-            raise ConfigError(f"train.amp must be none, bf16 or fp16, got {self.train.amp!r}")
         if self.train.device not in ("cpu", "cuda") and not self.train.device.startswith("cuda:"):
             raise ConfigError(f"train.device must be 'cpu' or 'cuda[:N]', got {self.train.device!r}")
         return self
 
+    def check_training_size(self, n_train: int) -> None:
+        """The checks that need the training set's size, made once the split is known (before any feature)."""
+        if n_train < 2:
+            raise ConfigError(f"the training set holds {n_train} image(s); at least 2 are needed")
+        levels = self.hierarchy.levels
+        if levels and (self.loss.lambda1 > 0 or self.loss.lambda2 > 0) and max(levels) > n_train:
+            raise ConfigError(
+                f"hierarchy.levels {list(levels)} asks for more clusters than the {n_train} training images; "
+                "lower hierarchy.levels (or raise data.n_train)"
+            )
 
-def _positive(cfg: Config, *dotted: str) -> None:
-    for key in dotted:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is None or value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
+
+# ------------------------------------------------------------------------------------------------------ schema
+@dataclass(frozen=True)
+class Spec:
+    """The declared type and range of one config field.
+
+    ``kind``: "int" (bool and 2.5 refused), "float" (ints accepted, NaN / inf refused), "bool", "str" or
+    "int_list"; ``lo`` / ``hi`` bound numbers (and list items), open when ``lo_open`` / ``hi_open``;
+    ``choices`` the accepted strings (case-insensitive with ``nocase``); ``none``: null accepted; ``or_str``: a
+    bool field that also takes a string (e.g. backbone.trainable = true | "fc").
+    """
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] | None = None
+    none: bool = False
+    nocase: bool = False
+    or_str: bool = False
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            what = f"one of {list(self.choices)}"
+        else:
+            what = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string"}.get(
+                self.kind, "a list of ints"
+            )
+            if self.or_str:
+                what += " or a string"
+            if self.lo is not None or self.hi is not None:
+                lo = "-inf" if self.lo is None else f"{self.lo:g}"
+                hi = "inf" if self.hi is None else f"{self.hi:g}"
+                left = "(" if self.lo_open or self.lo is None else "["
+                right = ")" if self.hi_open or self.hi is None else "]"
+                what += f" {'with items ' if self.kind == 'int_list' else ''}in {left}{lo}, {hi}{right}"
+        return what + (" or null" if self.none else "")
+
+    def _in_range(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def check(self, key: str, value: Any) -> Any:
+        """``value`` as the field holds it (ints of float fields become floats); ConfigError when refused."""
+        if value is None and self.none:
+            return None
+        ok, out = False, value
+        if self.kind == "bool":
+            ok = isinstance(value, bool) or (self.or_str and isinstance(value, str))
+        elif self.kind == "str":
+            ok = isinstance(value, str) and (
+                self.choices is None or (value.upper() if self.nocase else value) in self.choices
+            )
+        elif self.kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool) and self._in_range(value)
+        elif self.kind == "float":
+            if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = number and math.isfinite(value) and self._in_range(value)
+            out = float(value) if ok else value
+        elif self.kind == "int_list":
+            ok = isinstance(value, list | tuple) and all(
+                isinstance(v, int) and not isinstance(v, bool) and self._in_range(v) for v in value
+            )
+            out = list(value) if ok else value
+        if not ok:
+            raise ConfigError(f"{key} must be {self.describe()}, got {value!r} ({type(value).__name__})")
+        return out
+
+
+def _int(lo: int | None = None, hi: int | None = None, *, none: bool = False) -> Spec:
+    return Spec("int", lo, hi, none=none)
+
+
+def _float(lo=None, hi=None, *, lo_open=False, hi_open=False, none=False) -> Spec:
+    return Spec("float", lo, hi, lo_open=lo_open, hi_open=hi_open, none=none)
+
+
+def _str(*choices: str, none: bool = False, nocase: bool = False) -> Spec:
+    return Spec("str", choices=choices or None, none=none, nocase=nocase)
+
+
+_POSITIVE = _float(0, lo_open=True)
+_NON_NEGATIVE = _float(0)
+
+#: Every config field, "section.name" (or "name" at the top), with its declared type and range. A field missing
+#: here is refused by :func:`check_schema` (and the test suite), so that no new field runs unchecked.
+SCHEMA: dict[str, Spec] = {
+    "name": _str(),
+    "seed": _int(0),
+    "data.dataset": Spec("str", choices=DATASETS),  # read at check time below: others may extend DATASETS
+    "data.protocol": _str("I", "II", nocase=True),
+    "data.root": _str(none=True),
+    "data.split_seed": _int(0),
+    "data.queries_per_class": _int(1, none=True),
+    "data.train_per_class": _int(1, none=True),
+    "data.database_per_class": _int(1, none=True),
+    "data.database_list": _str(none=True),
+    "data.lists": _str(none=True),
+    "data.n_query": _int(1, none=True),
+    "data.n_train": _int(1, none=True),
+    "backbone.name": _str(),
+    "backbone.weights": _str(none=True),
+    "backbone.resolution": _int(8, 4096),
+    "backbone.trainable": Spec("bool", or_str=True),
+    "backbone.runtime": _str("auto", "torch", "openvino", "onnxruntime"),  # hihpq.models.runtime.RUNTIMES
+    "backbone.precision": _str("fp32", "bf16"),
+    "features.n_views": _int(2),  # two different views per image per step
+    "features.batch_size": _int(1),
+    "features.num_workers": _int(0, none=True),
+    "features.cache_dir": _str(none=True),
+    "features.seed": _int(0),
+    "projector.kind": _str("linear", "mlp"),
+    "projector.hidden": _int(1),
+    "quantizer.bits": _int(1, 4096),
+    "quantizer.n_codewords": _int(2, 256),  # codes are stored as uint8
+    "quantizer.feature_dim": _int(2),
+    "quantizer.geometry": _str("lorentz", "hyperbolic", "euclidean", "cosine"),
+    "quantizer.tau": _POSITIVE,
+    "quantizer.curvature": _POSITIVE,
+    "quantizer.learn_curvature": Spec("bool"),
+    "quantizer.curvature_min": _POSITIVE,
+    "quantizer.curvature_max": _POSITIVE,
+    "quantizer.clip_r": _float(0, lo_open=True, none=True),
+    "quantizer.curvature_param": _str("bounded", "clamped"),
+    "quantizer.init_from_data": Spec("bool"),
+    "loss.tau_qc": _POSITIVE,
+    "loss.lambda1": _NON_NEGATIVE,
+    "loss.lambda2": _NON_NEGATIVE,
+    "loss.instance_denominator": _str("ours", "paper"),
+    "hierarchy.levels": Spec("int_list", 1),
+    "hierarchy.n_subclusters": _int(1, none=True),
+    "hierarchy.warmup_epochs": _int(0),
+    "hierarchy.interval": _int(1),
+    "train.epochs": _int(1),
+    "train.batch_size": _int(2),  # the contrastive loss needs negatives
+    "train.lr": _POSITIVE,
+    "train.momentum": _float(0, 1, hi_open=True),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.warmup_epochs": _int(0),
+    "train.min_lr": _NON_NEGATIVE,
+    "train.curvature_lr_scale": _NON_NEGATIVE,
+    "train.backbone_lr_scale": _NON_NEGATIVE,
+    "train.device": _str(),
+    "train.amp": _str("none", "bf16", "fp16"),
+    "train.num_threads": _int(1, none=True),
+    "eval.topk": _int(1),
+    "eval.metric": _str("adc", "sdc"),
+}
+
+
+def config_keys(cfg: Config | None = None) -> list[str]:
+    """Every field of a Config as "section.name" ("name" for top-level ones)."""
+    cfg = cfg if cfg is not None else Config()
+    keys = []
+    for f in fields(cfg):
+        sub = getattr(cfg, f.name)
+        keys.extend(f"{f.name}.{g.name}" for g in fields(sub)) if dataclasses.is_dataclass(sub) else keys.append(f.name)
+    return keys
+
+
+def check_schema(cfg: Config) -> None:
+    """Check (and normalise: ints of float fields become floats) every field against :data:`SCHEMA`."""
+    for key in config_keys(cfg):
+        spec = SCHEMA.get(key)
+        if spec is None:
+            raise ConfigError(f"config field {key} has no declared type and range (add it to hihpq.config.SCHEMA)")
+        if key == "data.dataset":
+            spec = dataclasses.replace(spec, choices=DATASETS)
+        owner, name = (cfg, key) if "." not in key else (getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        setattr(owner, name, spec.check(key, getattr(owner, name)))
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -303,4 +467,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from hihpq.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -354,6 +354,9 @@ class ProductQuantizer(nn.Module):
         weights.
         """
         h = self._check_points("h", h)
+        if not torch.isfinite(h).all():  # NaN has no nearest codeword: argmin would silently give code 0
+            bad = int((~torch.isfinite(h)).flatten(1).any(1).sum())
+            raise ValueError(f"h contains NaN or inf in {bad} of {h.shape[0]} rows; refusing to encode them")
         dtype = self._dtype(h)
         C = self.codebooks().to(dtype)
         c = self._c(1, 1, dtype=dtype)

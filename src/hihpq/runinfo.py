@@ -1,23 +1,24 @@
-"""What every run records beside its outputs: config, seed, package versions, git commit; atomic file writes."""
+"""What every run records beside its outputs: config, seed, package versions, git commit (files are written
+through :func:`hihpq.atomic.atomic_path`, re-exported here)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import platform
 import random
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from hihpq.atomic import atomic_path, is_json_file
+
+__all__ = ["atomic_path", "git_commit", "run_record", "seed_everything", "versions", "write_json"]
 
 _PACKAGES = ("hihpq", "torch", "torchvision", "numpy", "faiss-cpu", "numba", "scikit-learn")
 
@@ -73,29 +74,9 @@ def run_record(config: dict[str, Any] | None = None, seed: int | None = None, **
     }
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
-
-    A crash or an exception mid-write leaves the previous file untouched and no partial file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (numpy scalars and paths are converted)."""
-    with atomic_path(path) as tmp:
+def write_json(path: str | Path, obj: Any, *, force: bool = False) -> None:
+    """Write JSON atomically (numpy scalars and paths are converted); never over a file that is not JSON."""
+    with atomic_path(path, looks_like=is_json_file, what="JSON file", force=force) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 

@@ -26,6 +26,7 @@ def train_run(
     evaluate: bool = True,
     progress: bool = True,
     data_dir: str | None = None,
+    split=None,
 ) -> Path:
     """Train the model of ``cfg`` into ``out`` (default ``runs/<name>``) and return that folder.
 
@@ -35,34 +36,35 @@ def train_run(
     """
     from hihpq import distributed
     from hihpq.build import build_loss, build_model, torch_backbone, train_settings
-    from hihpq.data.prepare import auto_levels, prepare_features, prepare_online
+    from hihpq.data.prepare import make_split, prepare_features, prepare_online, resolve_levels
     from hihpq.evaluation import evaluate_online, evaluate_prepared
     from hihpq.models.io import save_model
     from hihpq.train import Trainer
 
     cfg = copy.deepcopy(cfg)
     out = Path(out or f"runs/{cfg.name}")
+    split = split if split is not None else make_split(cfg, data_dir)
+    resolve_levels(cfg, len(split.train))  # sizes from the number of training images (README: your own photos)
+    cfg.check_training_size(len(split.train))  # before the features: levels against the training set
     # under torchrun: join the other processes; each GPU process gets cuda:LOCAL_RANK
     ctx, device = distributed.init_from_env(cfg.train.device)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")  # the record of a run that fails below as well
+        if not resume:  # a resumed run keeps the record of the config it started with
+            save_config(cfg, out / "config.yaml")
     cfg.train.device = device
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
     with distributed.main_first():  # rank 0 fills the feature cache, the others read it
         if online:
-            prep = prepare_online(cfg, data_dir=data_dir)
+            prep = prepare_online(cfg, split)
             in_dim, source = prep.in_dim, prep.source
         else:
-            prep = prepare_features(cfg, data_dir=data_dir, progress=progress and ctx.is_main)
+            prep = prepare_features(cfg, split, progress=progress and ctx.is_main)
             in_dim, source = prep.clean.shape[1], prep.train_source()
     t_feat = time.perf_counter() - t0
-    if not cfg.hierarchy.levels:  # sizes follow the number of training images (README: training on photos)
-        cfg.hierarchy.levels = auto_levels(len(prep.split.train) - prep.n_skipped)
     if ctx.is_main:
-        save_config(cfg, out / "config.yaml")
         print(prep.split.summary())
     model = build_model(cfg, in_dim, backbone=prep.backbone if online else None)
     trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=progress and ctx.is_main), out_dir=out)

@@ -455,6 +455,16 @@ class Trainer:
             if ckpt is None or not ckpt.exists():
                 raise FileNotFoundError(f"--resume given but no checkpoint at {ckpt}")
             self.load_checkpoint(ckpt)  # every rank reads the same file: identical state, any number of ranks
+        if source.n < 2:  # e.g. every training image unreadable: say so rather than fail on an empty batch
+            raise ValueError(
+                f"the training set holds {source.n} usable image(s); at least 2 are needed "
+                "(unreadable images are left out: check the data folder)"
+            )
+        if self.s.levels and (self.loss.lambda1 > 0 or self.loss.lambda2 > 0) and max(self.s.levels) > source.n:
+            raise ValueError(
+                f"hierarchy.levels {list(self.s.levels)} asks for more clusters than the {source.n} training "
+                "images; lower hierarchy.levels"
+            )
         batch = min(self.s.batch_size, source.n)
         if batch % self.dist.world_size:
             raise ValueError(

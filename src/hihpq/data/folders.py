@@ -14,6 +14,7 @@ import copy
 import hashlib
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ __all__ = [
     "ImageSource",
     "SkipLog",
     "UnreadableImageError",
+    "readable_images",
     "scan_image_folder",
+    "walk_image_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,21 +111,82 @@ class ImageSource(torch.utils.data.Dataset):
         return image, index, ok
 
 
+#: Images are refused (skipped and counted, like unreadable ones) above this many pixels or this aspect ratio:
+#: PIL's bomb check stops at 179 M pixels, but a 1 x 1,000,000 strip passes it and its resize takes ~37 GB.
+MAX_PIXELS = 64_000_000
+MAX_ASPECT = 100.0
+
+
 def _open_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
-    """Decode an image file to RGB in memory; every decoding problem becomes UnreadableImageError."""
+    """Decode an image file to 8-bit RGB in memory; every problem becomes UnreadableImageError.
+
+    Only regular files are opened (a FIFO named x.png would block forever), without blocking; images over
+    :data:`MAX_PIXELS` or :data:`MAX_ASPECT` are refused before decoding; 16-bit and float images are scaled to
+    8 bits (PIL's own conversion clips them to near-constant images). ``draft_size``: JPEGs are decoded at a
+    reduced scale (1/2, 1/4 or 1/8) no smaller than this.
+    """
     try:
-        with warnings.catch_warnings():
-            # PIL warns about odd but readable files (palette transparency, EXIF); they load fine
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                if draft_size and img.format == "JPEG":
-                    img.draft("RGB", (draft_size, draft_size))  # JPEG scaled decoding: 1/2, 1/4 or 1/8
-                img.load()
-                if img.mode == "P" and "transparency" in img.info:
-                    return img.convert("RGBA").convert("RGB")
-                return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UnreadableImageError(f"{path}: {exc}") from exc
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UnreadableImageError(f"{_name(path)}: {exc.strerror}") from exc
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise UnreadableImageError(f"{_name(path)}: not a regular file")
+        try:
+            with warnings.catch_warnings():
+                # PIL warns about odd but readable files (palette transparency, EXIF); they load fine
+                warnings.simplefilter("ignore")
+                with Image.open(fh) as img:
+                    w, h = img.size
+                    if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * max(min(w, h), 1):
+                        raise UnreadableImageError(
+                            f"{_name(path)}: {w} x {h} pixels is beyond the bounds "
+                            f"({MAX_PIXELS:,} pixels, aspect ratio {MAX_ASPECT:g})"
+                        )
+                    if draft_size and img.format == "JPEG":
+                        img.draft("RGB", (draft_size, draft_size))  # JPEG scaled decoding: 1/2, 1/4 or 1/8
+                    img.load()
+                    if img.mode == "P" and "transparency" in img.info:
+                        return img.convert("RGBA").convert("RGB")
+                    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                        return to_8bit_rgb(img)
+                    return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            if isinstance(exc, UnreadableImageError):
+                raise
+            raise UnreadableImageError(f"{_name(path)}: {exc}") from exc
+
+
+def to_8bit_rgb(img: Image.Image) -> Image.Image:
+    """A 16-bit integer or float single-channel image scaled to 8-bit RGB: 16-bit by its full range (/257), floats
+    in [0, 1] by 255, anything else by its own min-max range."""
+    a = np.asarray(img, dtype=np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.min(initial=0) >= 0 and a.max(initial=0) <= 65535):
+        a = a / 257.0 if a.max(initial=0) > 255 or img.mode.startswith("I;16") else a
+    elif img.mode == "F" and a.min(initial=0) >= 0 and a.max(initial=0) <= 1:
+        a = a * 255.0
+    else:
+        lo, hi = a.min(initial=0), a.max(initial=0)
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def _name(path: os.PathLike[str] | str) -> str:
+    """A path for messages: undecodable bytes of the file name shown as escapes, never an encoding error."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def readable_images(paths: Sequence[str | os.PathLike[str]]) -> tuple[list, list[str]]:
+    """(the paths that decode, "name: problem" of those that do not): for a few query images, read twice."""
+    good, bad = [], []
+    for p in paths:
+        try:
+            _open_rgb(Path(p))
+            good.append(p)
+        except UnreadableImageError as exc:
+            bad.append(str(exc))
+    return good, bad
 
 
 class ImageDataset(ImageSource):
@@ -156,7 +220,7 @@ class ImageDataset(ImageSource):
         return self.root / p if self.root is not None else p
 
     def describe(self, index: int) -> str:
-        return str(self.full_path(index))
+        return _name(self.full_path(index))
 
     def load(self, index: int) -> Image.Image:
         return _open_rgb(self.full_path(index), self.draft_size)
@@ -174,7 +238,7 @@ class ImageDataset(ImageSource):
                 size = self.full_path(i).stat().st_size
             except OSError:
                 size = -1
-            h.update(f"{p}\0{size}\n".encode())
+            h.update(f"{p}\0{size}\n".encode("utf-8", "surrogateescape"))  # non-UTF-8 names
         self._identity = {
             "kind": "files",
             "root": str(self.root) if self.root is not None else None,
@@ -227,10 +291,75 @@ class ArrayImageDataset(ImageSource):
         return self._identity
 
 
+def _iter_image_files(root: Path, exts: tuple[str, ...], odd: list[str]):
+    """(path, (device, inode), real) of the image files below ``root``, links followed, every real folder
+    entered once; ``real``: no link on the way from ``root``. Non-regular files go to ``odd``."""
+    real_root = os.path.realpath(root)
+    visited: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("cannot list %s: %s", _name(folder), exc.strerror)
+            continue
+        if (st.st_dev, st.st_ino) in visited:
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                est = entry.stat()  # follows links; a dangling link is an OSError
+            except OSError:
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                stack.append(Path(entry.path))
+            elif entry.name.lower().endswith(exts):
+                if not stat.S_ISREG(est.st_mode):
+                    odd.append(_name(entry.path))
+                    continue
+                real = os.path.realpath(entry.path) == os.path.join(real_root, os.path.relpath(entry.path, root))
+                yield Path(entry.path), (est.st_dev, est.st_ino), real
+
+
+def _report_odd(odd: list[str]) -> None:
+    if odd:
+        more = ", ..." if len(odd) > 5 else ""
+        log.warning("skipped %d image name(s) that are not regular files: %s%s", len(odd), ", ".join(odd[:5]), more)
+
+
+def _keep(chosen: dict, key, value, real: bool) -> None:
+    """One entry per real file: the first one found, replaced by one reached without a link."""
+    if key not in chosen or (real and not chosen[key][-1]):
+        chosen[key] = (*value, real)
+
+
+def walk_image_files(root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files below ``root`` (sorted), hidden names left out.
+
+    Symbolic links are followed, but every real folder is entered once and every real file listed once, by its
+    path without links when it has one (a link loop or a linked copy does not multiply a dataset). Files that are
+    not regular files (FIFOs, devices, sockets) are left out with a warning: reading them would block or never end.
+    """
+    exts = tuple(e.lower() for e in extensions)
+    odd: list[str] = []
+    chosen: dict = {}
+    for path, key, real in _iter_image_files(Path(root), exts, odd):
+        _keep(chosen, key, (path,), real)
+    _report_odd(odd)
+    return sorted(v[0] for v in chosen.values())
+
+
 def scan_image_folder(
     root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """Scan ``root/<class>/**/<image>``: one sub-folder per class, ids from the sorted class names.
+
+    Links are followed once per real folder and file (see :func:`walk_image_files`): a file reachable from two
+    classes is listed once, in the class holding it without a link (else the first class reaching it).
 
     Returns:
         paths: image paths relative to ``root`` (POSIX separators), sorted by class, then path.
@@ -247,20 +376,19 @@ def scan_image_folder(
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
-    paths: list[str] = []
-    labels: list[int] = []
+    odd: list[str] = []
+    chosen: dict = {}
     for label, cls in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = Path(dirpath).relative_to(root)
-            found.extend((rel / f).as_posix() for f in filenames if f.lower().endswith(exts) and not f.startswith("."))
-        found.sort()
-        paths.extend(found)
-        labels.extend([label] * len(found))
-    if not paths:
+        for path, key, real in _iter_image_files(root / cls, exts, odd):
+            real = real and os.path.realpath(root / cls) == os.path.join(os.path.realpath(root), cls)
+            _keep(chosen, key, (label, path.relative_to(root).as_posix()), real)
+    _report_odd(odd)
+    items = sorted((label, rel) for label, rel, _ in chosen.values())
+    if not items:
         raise ValueError(f"image folder {root} has no images with extensions {list(exts)}")
-    return paths, np.asarray(labels, dtype=np.int64), classes
+    paths = [rel for _, rel in items]
+    labels = np.asarray([label for label, _ in items], dtype=np.int64)
+    return paths, labels, classes
 
 
 class ImageFolderDataset(ImageDataset):

@@ -22,6 +22,7 @@ __all__ = [
     "make_split",
     "prepare_features",
     "prepare_online",
+    "resolve_levels",
 ]
 
 
@@ -155,6 +156,12 @@ def images_split(root, *, eval_labels: str | None = None, n_query: int | None = 
     return Split("images", ds, query, database, everything, seed=seed, params=params)
 
 
+def resolve_levels(cfg: Config, n_train: int) -> None:
+    """Set ``cfg.hierarchy.levels`` from :func:`auto_levels` when the config gives none (``levels: []``)."""
+    if not cfg.hierarchy.levels:
+        cfg.hierarchy.levels = auto_levels(n_train)
+
+
 def auto_levels(n_train: int) -> list[int]:
     """Hierarchy level sizes when a config gives none: [N/50, N/100, N/200] for N training images, each at least 2
     and below N, duplicates dropped (coarsest last)."""
@@ -170,7 +177,7 @@ class PreparedFeatures:
     clean: np.ndarray  # (n_used, F) float16, rows follow ``used``
     used: np.ndarray  # sorted pool indices with a clean row
     views: np.ndarray  # (n_train, V, F) float16, rows follow split.train
-    n_skipped: int  # unreadable images (placeholder features; left out of training)
+    n_skipped: int  # unreadable images (left out of every set: split.without, train_valid)
     train_valid: np.ndarray | None = None  # (n_train,) False for unreadable training images
     backbone: torch.nn.Module | None = None  # the frozen backbone that made the features
 
@@ -229,6 +236,7 @@ def prepare_features(
     clean = extract_clean_features(backbone, split.dataset, used, resolution=cfg.backbone.resolution, **common)
     if not views:
         empty = np.zeros((0, cfg.features.n_views, clean.features.shape[1]), np.float16)
+        split = split.without(used[~clean.valid], sets=("query", "database"))  # as below
         return PreparedFeatures(split, clean.features, used, empty, clean.n_skipped, None, backbone)
     aug = AugmentConfig(resolution=cfg.backbone.resolution)
     viewed = extract_view_features(
@@ -241,6 +249,8 @@ def prepare_features(
         **common,
     )
     train_valid = viewed.valid & clean.valid[np.searchsorted(used, split.train)]
+    # issue 13: unreadable images leave the query and database sets (training ones are masked by train_valid)
+    split = split.without(used[~clean.valid], sets=("query", "database"))
     return PreparedFeatures(split, clean.features, used, viewed.features, clean.n_skipped, train_valid, backbone)
 
 
@@ -290,14 +300,14 @@ def prepare_online(cfg: Config, split=None, data_dir: str | None = None) -> Prep
 # ------------------------------------------------------------------------------------------- loose images
 def list_images(path: str | Path) -> list[Path]:
     """One image file, or every image file below a folder (sorted)."""
-    from hihpq.data.folders import IMAGE_EXTENSIONS
+    from hihpq.data.folders import IMAGE_EXTENSIONS, walk_image_files
 
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither an image file nor a folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = walk_image_files(path)  # issue 13: links followed once per real file, FIFOs left out
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     return files

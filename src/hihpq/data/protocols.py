@@ -14,6 +14,7 @@ are computed once per image and shared by all three sets.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -136,11 +137,23 @@ class Split:
             "indices_sha256": _hash_indices(self.query, self.database, self.train),
         }
 
+    def without(self, pool_indices: Any, sets: tuple[str, ...] = ("query", "database", "train")) -> Split:
+        """The same protocol with these pool items removed from ``sets`` (e.g. unreadable images, which would
+        otherwise stay in as identical placeholders); ``params["excluded"]`` counts the pool items removed."""
+        bad = np.unique(np.asarray(pool_indices, dtype=np.int64).reshape(-1))
+        if not bad.size:
+            return self
+        kept = {s: getattr(self, s)[~np.isin(getattr(self, s), bad)] for s in sets}
+        gone = np.setdiff1d(np.concatenate([getattr(self, s) for s in sets]), np.concatenate(list(kept.values())))
+        params = {**self.params, "excluded": int(self.params.get("excluded", 0)) + int(gone.size)}
+        return dataclasses.replace(self, **kept, params=params)
+
     def summary(self) -> str:
         kind = "multi-label" if self.multilabel else "single-label"
         return (
             f"{self.name}: {len(self.query)} queries, {len(self.database)} database, "
             f"{len(self.train)} training images ({kind}, pool of {len(self.dataset)}, seed {self.seed})"
+            + (f"; {self.params['excluded']} unreadable images left out" if self.params.get("excluded") else "")
         )
 
 
@@ -232,6 +245,8 @@ def random_split_indices(
     """
     n = _count("n", n, allow_none=False)
     nq = _count("n_query", n_query, allow_none=False)
+    if nq >= n:
+        raise ValueError(f"n_query={nq} queries leave no database image among the {n} images; lower n_query")
     nt = _count("n_train", n_train, allow_none=False)
     nd = _count("n_database", n_database)
     db_end = n if nd is None else nq + nd

@@ -13,8 +13,8 @@ Layout (little-endian)::
 Every byte is checked on read: the prefix fields, the header digest, the layout against the header, the zero
 padding, and the section digests (those of the large id / code / metadata sections can be skipped with
 ``verify=False`` for huge files; they stream at ~0.7 GB/s). Any problem raises :class:`IndexFileError` naming
-the file and the problem. :func:`write_index` writes a temporary file in the same directory, fsyncs it and
-renames it over the target, so a crash mid-write leaves the old file intact.
+the file and the problem. :func:`write_index` writes through :func:`hihpq.runinfo.atomic_path` (temporary file
+in the same directory, fsync, rename), so a crash mid-write leaves the old file intact.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,18 @@ from typing import Any
 import numpy as np
 
 from hihpq import __version__
+from hihpq.atomic import atomic_path, kind_of
 from hihpq.index.pq_index import HyperbolicPQIndex, _check_metadata, _ItemMetadata, index_class
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "IndexFileError", "describe_index", "read_index", "write_index"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "IndexFileError",
+    "describe_index",
+    "is_index_file",
+    "read_index",
+    "write_index",
+]
 
 MAGIC = b"HIHPQIDX"
 FORMAT_VERSION = 1
@@ -97,8 +106,12 @@ def write_index(
     *,
     item_names: Sequence[str] | None = None,
     metadata: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> None:
     """Write ``index`` to ``path`` atomically (temporary file in the same directory, fsync, rename).
+
+    ``path`` must not be a device, FIFO or folder, nor (unless ``force``) an existing file that is not an index;
+    its folder must exist.
 
     Args:
         item_names: per-item strings (e.g. image paths), one per row in row order, stored in the file instead
@@ -162,30 +175,21 @@ def write_index(
     head = struct.pack("<8sIIQQ", MAGIC, FORMAT_VERSION, 0, len(header_bytes), end)
     digest = hashlib.blake2b(head + header_bytes, digest_size=32).digest()
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, looks_like=is_index_file, what="hihpq index file", force=force, make_parents=False) as tmp:
+        with open(tmp, "wb") as f:
             f.write(head + digest + header_bytes)
             for name, a in arrays.items():
                 f.write(b"\0" * (header["sections"][name]["offset"] - f.tell()))
                 _write_array(f, a)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible on every platform / filesystem
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+
+
+def is_index_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts with the index magic (an index file, intact or not: ours to overwrite)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
     except OSError:
-        pass
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,8 +331,14 @@ def _load(path: Path, f, s: dict, *, mmap: bool) -> np.ndarray:
 
 def _open(path) -> Path:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such index file")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such index file") from None
+    if stat.S_ISDIR(mode):
+        raise IndexFileError(path, "a folder, not an index file")
+    if not stat.S_ISREG(mode):
+        raise IndexFileError(path, f"{kind_of(mode)}, not an index file")
     return path
 
 

@@ -84,7 +84,8 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 
 class _ItemMetadata:
-    """Per-item strings aligned with the index rows: a Python list, or UTF-8 ``blob`` bytes sliced by
+    """Per-item strings aligned with the index rows: a Python list, or UTF-8 ``blob`` bytes (bytes of file names
+    that are not UTF-8 kept as they are, Python's surrogateescape) sliced by
     ``offsets`` (n + 1,) as stored in an index file (maybe memory-mapped: nothing is decoded until asked).
     A read-only sequence: len(), [row], iteration."""
 
@@ -110,7 +111,7 @@ class _ItemMetadata:
         out = []
         for p in positions:
             a, b = int(self._offsets[p]), int(self._offsets[p + 1])
-            out.append(bytes(self._blob[a:b]).decode("utf-8"))
+            out.append(bytes(self._blob[a:b]).decode("utf-8", "surrogateescape"))  # file names as they are
         return out
 
     def as_list(self) -> list[str]:
@@ -164,7 +165,7 @@ class _ItemMetadata:
         """(offsets (n + 1,) int64, blob (nbytes,) uint8): the file layout."""
         if self._strings is None:
             return np.asarray(self._offsets, np.int64), np.asarray(self._blob, np.uint8)
-        encoded = [s.encode("utf-8") for s in self._strings]
+        encoded = [s.encode("utf-8", "surrogateescape") for s in self._strings]  # non-UTF-8 file names kept
         offsets = np.zeros(len(encoded) + 1, np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
         return offsets, np.frombuffer(b"".join(encoded), np.uint8)

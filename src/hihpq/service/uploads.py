@@ -12,6 +12,8 @@ import warnings
 
 from PIL import Image
 
+from hihpq.data.folders import MAX_ASPECT, to_8bit_rgb
+
 #: pixels an uploaded query may have (40 MP: any camera photo); PIL's own bomb guard is ~89 MP (warning) and
 #: twice that (error), so this bound is the one that applies.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -45,9 +47,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                         f"the image is {w} x {h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
                         "send a smaller image"
                     )
+                if max(w, h) > MAX_ASPECT * max(min(w, h), 1):  # a 1 x 30,000 strip: tiny, but its resize is not
+                    raise TooManyPixelsError(
+                        f"the image is {w} x {h} pixels, an aspect ratio over {MAX_ASPECT:g}; send a less elongated one"
+                    )
                 img.load()
                 if img.mode == "P" and "transparency" in img.info:
                     return img.convert("RGBA").convert("RGB")
+                if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                    return to_8bit_rgb(img)  # PIL's convert would clip 16-bit and float images to near-constant
                 return img.convert("RGB")
     except BadImageError:
         raise
