@@ -306,6 +306,7 @@ SCHEMA: dict[str, Spec] = {
     "data.lists": _str(none=True),
     "data.n_query": _int(1, none=True),
     "data.n_train": _int(1, none=True),
+    "data.eval_labels": _str(none=True),
     "backbone.name": _str(),
     "backbone.weights": _str(none=True),
     "backbone.resolution": _int(8, 4096),
