@@ -79,7 +79,7 @@ def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
 def torch_backbone(backbone, cfg):
     """The PyTorch module of the frozen backbone (a model file records its weights' SHA-256): the one given, or,
     for a compiled runtime (OpenVINO / ONNX Runtime, no tensors), the same backbone rebuilt in PyTorch."""
-    if hasattr(backbone, "state_dict"):
+    if any(True for _ in backbone.parameters()):  # a compiled runtime holds no tensors
         return backbone
     from hihpq.models import build_backbone
 
