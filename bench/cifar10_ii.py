@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from hihpq.benchmark import METHODS, run_grid
-from hihpq.report import aggregate
+from hihpq.report_tables import aggregate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cifar10_ii_lite0.json"
 

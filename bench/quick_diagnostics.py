@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hihpq import pipeline as P
+from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import load_config
+from hihpq.data.prepare import prepare_features
 from hihpq.demo import demo_overrides
+from hihpq.evaluation import embed, rank_embedded
 from hihpq.metrics import map_at_k
 from hihpq.runinfo import git_commit, seed_everything, write_json
 from hihpq.train import Trainer
@@ -80,14 +82,14 @@ def curvature_probe(model, prep, cfg, cs=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0), n: int
 def run_one(label: str, overrides: list[str], args) -> dict:
     cfg = load_config(f"cifar10-ii-{args.bits}", [*demo_overrides(args.data, True), *overrides, f"seed={args.seed}"])
     seed_everything(cfg.seed)
-    prep = P.prepare_features(cfg, progress=False)
+    prep = prepare_features(cfg, progress=False)
     t0 = time.perf_counter()
-    model = P.build_model(cfg, prep.clean.shape[1])
-    history = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=False)).fit(prep.train_source())
+    model = build_model(cfg, prep.clean.shape[1])
+    history = Trainer(model, build_loss(cfg), train_settings(cfg, progress=False)).fit(prep.train_source())
     train_s = time.perf_counter() - t0
     split, topk = prep.split, cfg.eval.topk
-    q_emb, db_emb = P.embed(model, prep.queries), P.embed(model, prep.database)
-    ranked, _, _ = P.rank_embedded(model, q_emb, db_emb, topk)
+    q_emb, db_emb = embed(model, prep.queries), embed(model, prep.database)
+    ranked, _, _ = rank_embedded(model, q_emb, db_emb, topk)
     adc = map_at_k(ranked, split.query_labels, split.database_labels, k=topk)
     cont = map_at_k(continuous_ranking(model, q_emb, db_emb, topk), split.query_labels, split.database_labels, k=topk)
     last = history[-1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hihpq import pipeline as P
+from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import ConfigError, load_config
 from hihpq.train import CachedViews, Trainer, _StepForward, amp_dtype
 
@@ -47,7 +47,7 @@ def test_amp_modes_and_old_booleans():
 
 def test_bf16_autocast_leaves_the_quantizer_in_fp32():
     cfg = _cfg()
-    model = P.build_model(cfg, 24)
+    model = build_model(cfg, 24)
     x = torch.from_numpy(np.asarray(_source().clean_feats[:32], np.float32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z, out = _StepForward(model)(x)
@@ -64,7 +64,7 @@ def test_training_under_autocast_stays_finite_and_close_to_fp32(mode):
     for amp in ("none", mode):
         cfg = _cfg(f"train.amp={amp}")
         torch.manual_seed(0)
-        trainer = Trainer(P.build_model(cfg, 24), P.build_loss(cfg), P.train_settings(cfg, progress=False))
+        trainer = Trainer(build_model(cfg, 24), build_loss(cfg), train_settings(cfg, progress=False))
         runs[amp] = trainer.fit(_source())
         assert trainer.scaler.is_enabled() == (amp == "fp16")
     for full, mixed in zip(runs["none"], runs[mode], strict=True):

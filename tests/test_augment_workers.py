@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hihpq import pipeline as P
+from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import load_config
 from hihpq.data import ImageFolderDataset, eval_transform
 from hihpq.data.transforms import AugmentConfig, train_transform
@@ -63,8 +63,8 @@ def test_training_steps_do_not_depend_on_the_number_of_workers(dataset):
     for workers in (0, 2):
         torch.manual_seed(0)  # a tiny conv backbone: what matters here is the views it is given
         backbone = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        model = P.build_model(cfg, 6, backbone=backbone)
-        trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=False))
+        model = build_model(cfg, 6, backbone=backbone)
+        trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=False))
         source = _views(dataset, workers)
         assert source.n // cfg.train.batch_size == 2  # two steps
         history = trainer.fit(source)

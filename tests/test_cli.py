@@ -89,11 +89,15 @@ def test_saved_codes_give_the_same_map_independently(trained_run, tmp_path, caps
 
 def test_codes_beat_random_on_the_protocol(trained_run):
     _tmp, _, run = trained_run
-    from hihpq import pipeline as P
+    from hihpq.config import from_dict
+    from hihpq.data.prepare import prepare_features
+    from hihpq.evaluation import evaluate_model
+    from hihpq.models.io import load_model
 
-    model, cfg, _ = P.load_model(run)
-    prep = P.prepare_features(cfg, progress=False)
-    scores = P.evaluate_model(
+    loaded = load_model(run)
+    model, cfg = loaded.model, from_dict(loaded.provenance["config"])
+    prep = prepare_features(cfg, progress=False)
+    scores = evaluate_model(
         model, prep.queries, prep.database, prep.split.query_labels, prep.split.database_labels, topk=20
     )
     rng = np.random.default_rng(0)

@@ -7,11 +7,17 @@ from hihpq.config import ConfigError, builtin_configs, load_config, parse_overri
 
 def test_every_builtin_config_loads_and_validates():
     names = builtin_configs()
-    # 12 paper settings + per bit width the 7 Table 2 variants and their 7 alternatives (L2 twin, lambda2 = 0.1).
-    assert len(names) == 12 + 3 * 7 + 3 * 7
+    # 12 paper settings + per bit width the 7 Table 2 variants and their 7 alternatives (L2 twin, lambda2 = 0.1)
+    # + photos.
+    assert len(names) == 12 + 3 * 7 + 3 * 7 + 1
     for name in names:
         cfg = load_config(name)
         assert cfg.quantizer.n_subspaces * cfg.quantizer.subspace_dim == cfg.quantizer.feature_dim
+
+
+def test_photos_config_trains_on_an_image_folder_with_sizes_from_the_data():
+    cfg = load_config("photos", ["data.root=somewhere"])
+    assert cfg.data.dataset == "images" and cfg.hierarchy.levels == []
 
 
 def test_paper_setting_carries_authors_hyperparameters():

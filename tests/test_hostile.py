@@ -72,7 +72,8 @@ def test_every_config_field_has_a_declared_type_and_range():
 
 # ------------------------------------------------------------------------------------------ 13: NaN embeddings
 def test_build_index_refuses_nan_embeddings():
-    from hihpq.pipeline import build_index, build_model
+    from hihpq.build import build_model
+    from hihpq.evaluation import build_index
 
     cfg = load_config("cifar10-ii-16", ["quantizer.bits=8", "quantizer.n_codewords=16", "quantizer.feature_dim=8"])
     model = build_model(cfg, in_dim=12)
@@ -200,7 +201,7 @@ def test_symlink_loops_and_linked_copies_do_not_multiply_a_dataset(tmp_path):
 
 
 def test_encode_folders_follow_links_once(tmp_path):
-    from hihpq.pipeline import list_images
+    from hihpq.data.prepare import list_images
 
     root = write_colour_folder(tmp_path / "images", per_class=3)
     elsewhere = write_colour_folder(tmp_path / "more", per_class=2)
@@ -301,7 +302,7 @@ def test_unreadable_images_leave_every_set_and_are_counted(hostile_run):
     # 4: 63 files listed (60 + 2 corrupt + the non-UTF-8 one; the FIFO and the loop add nothing)
     import json
 
-    from hihpq.pipeline import prepare_features
+    from hihpq.data.prepare import prepare_features
 
     _, _, config, run = hostile_run
     record = json.loads((run / "run.json").read_text())
@@ -420,11 +421,11 @@ def test_escaping_exceptions_become_messages(hostile_run, tmp_path, monkeypatch,
 
     _, _, config, run = hostile_run
     payload = torch.load(run / "model.pt", weights_only=True)
-    payload["in_dim"] += 3  # a projector of another shape than the saved weights
+    payload["projector"]["in_dim"] += 3  # a projector of another shape than the saved weights
     (tmp_path / "bad").mkdir()
     torch.save(payload, tmp_path / "bad" / "model.pt")
     assert main(["evaluate", str(tmp_path / "bad")]) == 2
-    assert "does not fit the model its config builds" in _err(capsys)
+    assert "do not fit the stored architecture" in _err(capsys)
 
     def diverge(self, *a, **k):
         raise T.TrainingDiverged("the loss is NaN at epoch 1. Lower train.lr")

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from helpers import write_colour_folder, write_tiny_config
-from hihpq import pipeline as P
+from hihpq.build import build_loss, build_model, train_settings
 from hihpq.cli import main
 from hihpq.config import load_config
 from hihpq.data import ImageFolderDataset, eval_transform
+from hihpq.data.prepare import prepare_online
 from hihpq.data.transforms import AugmentConfig, train_transform
+from hihpq.evaluation import embed_split
+from hihpq.models.io import load_model, save_model
 from hihpq.train import ImageViews, Trainer
 
 
@@ -34,13 +37,13 @@ def setup(tmp_path_factory):
 
 
 def _trainer(cfg, out_dir=None, freeze_stem=False):
-    prep = P.prepare_online(cfg)
+    prep = prepare_online(cfg)
     if freeze_stem:  # a partly trainable backbone: the stem frozen, the rest trained
         for p in [*prep.backbone.net._conv_stem.parameters(), *prep.backbone.net._bn0.parameters()]:
             p.requires_grad_(False)
         prep.backbone.train(prep.backbone.training)
-    model = P.build_model(cfg, prep.in_dim, backbone=prep.backbone)
-    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=False), out_dir=out_dir)
+    model = build_model(cfg, prep.in_dim, backbone=prep.backbone)
+    trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=False), out_dir=out_dir)
     return trainer, prep
 
 
@@ -115,18 +118,19 @@ def test_backbone_layers_step_at_their_own_scale(setup):
 def test_saved_model_keeps_the_trained_backbone(trained, tmp_path):
     cfg, trainer, prep, _, _ = trained
     model = trainer.model.eval()
-    P.save_model(tmp_path / "model.pt", model, cfg, prep.in_dim)
+    save_model(tmp_path / "model.pt", model, resolution=32)
     payload = torch.load(tmp_path / "model.pt", weights_only=True)
     assert payload["backbone"]["name"] == "efficientnet-lite0" and payload["backbone"]["resolution"] == 32
-    loaded, _, _ = P.load_model(tmp_path)
-    q0, db0 = P.embed_split(model, prep.split, cfg)
-    q1, db1 = P.embed_split(loaded, prep.split, cfg)
+    assert payload["backbone"]["stored"] and payload["backbone"]["trainable"] == "all"
+    loaded = load_model(tmp_path).model
+    q0, db0 = embed_split(model, prep.split, 32)
+    q1, db1 = embed_split(loaded, prep.split, 32)
     np.testing.assert_array_equal(q0, q1)
     np.testing.assert_array_equal(db0, db1)
     # the pretrained backbone gives other embeddings: the trained one really was saved
-    fresh = P.build_model(cfg, prep.in_dim, backbone=P.prepare_online(cfg).backbone)
+    fresh = build_model(cfg, prep.in_dim, backbone=prepare_online(cfg).backbone)
     fresh.load_state_dict({k: v for k, v in loaded.state_dict().items() if not k.startswith("backbone.")}, strict=False)
-    assert not np.allclose(P.embed_split(fresh.eval(), prep.split, cfg)[0], q0)
+    assert not np.allclose(embed_split(fresh.eval(), prep.split, 32)[0], q0)
 
 
 def test_resume_equals_uninterrupted_run(setup, tmp_path, monkeypatch):

@@ -13,28 +13,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import write_colour_folder
-from hihpq import pipeline as P
 from hihpq.benchmark import METHODS, curve_ks
+from hihpq.build import build_model
 from hihpq.config import load_config
+from hihpq.evaluation import evaluate_prepared
 from hihpq.geometry import lorentz as L
+from hihpq.geometry.lorentz import to_poincare
 from hihpq.hierarchy import HierarchicalClustering
 from hihpq.metrics import pr_curve
 from hihpq.quantizer import ProductQuantizer
-from hihpq.report import (
-    METHOD_NAMES,
-    aggregate,
-    claims_table,
-    lorentz_to_poincare,
-    markdown_table,
-    paired_differences,
+from hihpq.report import write_report
+from hihpq.report_plots import (
     plot_map_vs_bits,
     plot_poincare,
     plot_pr_curves,
     plot_precision_at_k,
     plot_training,
     poincare_view,
-    write_report,
 )
+from hihpq.report_tables import METHOD_NAMES, aggregate, claims_table, markdown_table, paired_differences
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -201,12 +198,12 @@ def test_plots_refuse_bad_input(tmp_path):
     r=st.floats(0.0, 4.0),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_lorentz_to_poincare_is_tanh_of_half_the_distance(d, c, r, seed):
+def test_to_poincare_is_tanh_of_half_the_distance(d, c, r, seed):
     direction = np.random.default_rng(seed).normal(size=d)
     direction /= np.linalg.norm(direction)
     v = torch.from_numpy(np.concatenate([[0.0], r * direction]))  # tangent vector at the origin
     x = L.expmap0(v, c=c)
-    p = lorentz_to_poincare(x, c)
+    p = to_poincare(x, c)
     # Hand formula: a point at geodesic distance r from the origin lands at radius tanh(sqrt(c) r / 2).
     expected = math.tanh(math.sqrt(c) * r / 2)
     assert np.linalg.norm(p) < 1.0
@@ -214,7 +211,7 @@ def test_lorentz_to_poincare_is_tanh_of_half_the_distance(d, c, r, seed):
     if r > 1e-6:
         np.testing.assert_allclose(p / np.linalg.norm(p), direction, atol=1e-6)
     # The ball of curvature -c has radius 1 / sqrt(c): p = x_space / (1 + sqrt(c) x0) there.
-    raw = lorentz_to_poincare(x, c, unit=False)
+    raw = to_poincare(x, c, unit=False)
     np.testing.assert_allclose(raw, x[1:].numpy() / (1 + math.sqrt(c) * x[0].item()), rtol=1e-9, atol=1e-15)
     assert np.linalg.norm(raw) < 1 / math.sqrt(c)
 
@@ -222,16 +219,16 @@ def test_lorentz_to_poincare_is_tanh_of_half_the_distance(d, c, r, seed):
 @pytest.mark.parametrize("c", [0.1, 1.0, 7.5])
 def test_origin_maps_to_the_centre(c):
     o = L.origin(5, c=c, dtype=torch.float64)
-    np.testing.assert_array_equal(lorentz_to_poincare(o, c), np.zeros(4))
+    np.testing.assert_array_equal(to_poincare(o, c), np.zeros(4))
 
 
-def test_lorentz_to_poincare_refuses_bad_input():
+def test_to_poincare_refuses_bad_input():
     with pytest.raises(ValueError, match="upper sheet"):
-        lorentz_to_poincare(np.array([[-1.0, 0.0, 0.0]]), 1.0)
+        to_poincare(np.array([[-1.0, 0.0, 0.0]]), 1.0)
     with pytest.raises(ValueError, match="positive"):
-        lorentz_to_poincare(np.array([[1.0, 0.0, 0.0]]), 0.0)
+        to_poincare(np.array([[1.0, 0.0, 0.0]]), 0.0)
     with pytest.raises(ValueError, match="D >= 2"):
-        lorentz_to_poincare(np.array([1.0]), 1.0)
+        to_poincare(np.array([1.0]), 1.0)
 
 
 def _model(geometry: str = "lorentz", feature_dim: int = 16, in_dim: int = 12):
@@ -245,7 +242,7 @@ def _model(geometry: str = "lorentz", feature_dim: int = 16, in_dim: int = 12):
             "projector.hidden=32",
         ],
     )
-    return P.build_model(cfg, in_dim)
+    return build_model(cfg, in_dim)
 
 
 def _features(n: int = 120, in_dim: int = 12):
@@ -266,8 +263,8 @@ def test_poincare_view_without_reduction_is_the_direct_map():
         h = model.embed(torch.from_numpy(x))[:, 2]
         cw = model.quantizer.codebooks()[2]
     c = float(model.quantizer.curvature[2].detach())
-    np.testing.assert_allclose(view.points, lorentz_to_poincare(h, c), atol=1e-6)
-    np.testing.assert_allclose(view.codewords, lorentz_to_poincare(cw, c), atol=1e-6)
+    np.testing.assert_allclose(view.points, to_poincare(h, c), atol=1e-6)
+    np.testing.assert_allclose(view.codewords, to_poincare(cw, c), atol=1e-6)
 
 
 def test_poincare_view_reduces_in_the_tangent_space():
@@ -282,7 +279,7 @@ def test_poincare_view_reduces_in_the_tangent_space():
     # The projection is orthogonal through the origin: no point moves away from the centre.
     model.eval()
     with torch.no_grad():
-        full = lorentz_to_poincare(model.embed(torch.from_numpy(x))[:, 1], float(model.quantizer.curvature[1].detach()))
+        full = to_poincare(model.embed(torch.from_numpy(x))[:, 1], float(model.quantizer.curvature[1].detach()))
     assert np.all(np.linalg.norm(view.points, axis=1) <= np.linalg.norm(full, axis=1) + 1e-9)
 
 
@@ -354,9 +351,9 @@ def test_write_report_writes_tables_and_plots(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- hihpq bench
-def test_benchmark_evaluation_matches_the_pipeline_one():
-    """The benchmark evaluates from the pipeline's pieces to keep the ranked lists: same figures as
-    pipeline.evaluate_prepared, and curves that agree with its precision@k."""
+def test_benchmark_evaluation_matches_the_library_one():
+    """The benchmark evaluates from the library's pieces to keep the ranked lists: same figures as
+    evaluation.evaluate_prepared, and curves that agree with its precision@k."""
     from types import SimpleNamespace
 
     from hihpq.benchmark import evaluate_learned
@@ -367,7 +364,7 @@ def test_benchmark_evaluation_matches_the_pipeline_one():
         queries=x[:30], database=x[30:], split=SimpleNamespace(query_labels=labels[:30], database_labels=labels[30:])
     )
     ours = evaluate_learned(model, prep, topk=25)
-    ref = P.evaluate_prepared(model, prep, 25)
+    ref = evaluate_prepared(model, prep, 25)
     assert ours["map_at_25"] == ref["map_at_25"] and ours["precision_at"] == ref["precision_at"]
     ks, prec = ours["precision_curve"]["ks"], ours["precision_curve"]["precision"]
     assert ks == ours["pr_curve"]["ks"] and ks[-1] == 25

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from helpers import write_colour_folder, write_tiny_config
-from hihpq import pipeline as P
+from hihpq.build import build_model
 from hihpq.cli import main
 from hihpq.config import load_config
 from hihpq.index import read_index
 from hihpq.index.shards import merge_index_files, parse_shard, shard_path
 from hihpq.models import build_backbone
+from hihpq.models.io import save_model
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +22,11 @@ def encoded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shards")
     images = write_colour_folder(tmp / "images", per_class=7)
     cfg = load_config(str(write_tiny_config(tmp / "tiny.yaml", images, tmp / "cache", "tiny-shards")))
-    in_dim = build_backbone(cfg.backbone.name, weights=None).feature_dim
+    backbone = build_backbone(cfg.backbone.name)
     for name, seed in (("run", cfg.seed), ("other", cfg.seed + 1)):
         cfg.seed = seed
-        P.save_model(tmp / name / "model.pt", P.build_model(cfg, in_dim), cfg, in_dim)
+        model = build_model(cfg, backbone.feature_dim)
+        save_model(tmp / name / "model.pt", model, backbone=backbone, resolution=cfg.backbone.resolution)
     one = tmp / "one.hpq"
     assert main(["encode", str(tmp / "run"), "--images", str(images), "--out", str(one)]) == 0
     out = tmp / "db.hpq"

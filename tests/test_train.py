@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from hihpq import pipeline as P
+from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import load_config
+from hihpq.evaluation import embed, evaluate_model
 from hihpq.metrics import map_at_k
+from hihpq.models.io import ModelFileError, load_model, save_model
 from hihpq.train import CachedViews, Hierarchy, Trainer, TrainingDiverged, lr_at
 
 
@@ -43,8 +45,8 @@ def _cfg(tmp_path, *extra):
 
 def _trainer(cfg, out_dir=None):
     torch.manual_seed(0)
-    model = P.build_model(cfg, 24)
-    return Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=False), out_dir=out_dir)
+    model = build_model(cfg, 24)
+    return Trainer(model, build_loss(cfg), train_settings(cfg, progress=False), out_dir=out_dir)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -88,7 +90,7 @@ def test_training_lowers_the_loss_and_codes_beat_random(tmp_path):
     assert history[-1]["aug"] < history[0]["aug"]
     assert history[-1]["prot"] > 0 and history[-1]["ins"] > 0  # the hierarchy losses ran
     q, db = np.arange(0, 160, 4), np.setdiff1d(np.arange(160), np.arange(0, 160, 4))
-    scores = P.evaluate_model(trainer.model, clean[q], clean[db], labels[q], labels[db], topk=40)
+    scores = evaluate_model(trainer.model, clean[q], clean[db], labels[q], labels[db], topk=40)
     rng = np.random.default_rng(0)
     random_ranked = np.stack([rng.permutation(len(db))[:40] for _ in q])
     random_map = map_at_k(random_ranked, labels[q], labels[db], k=40)
@@ -233,10 +235,11 @@ def test_model_file_round_trip(tmp_path):
     clean, views, _ = _blobs()
     trainer = _trainer(cfg)
     trainer.fit(CachedViews(views, clean))
-    P.save_model(tmp_path / "model.pt", trainer.model, cfg, 24)
-    model, cfg2, _ = P.load_model(tmp_path)
-    assert cfg2.to_dict() == cfg.to_dict()
-    np.testing.assert_array_equal(P.embed(model, clean), P.embed(trainer.model, clean))
+    save_model(tmp_path / "model.pt", trainer.model, provenance={"config": cfg.to_dict()})
+    loaded = load_model(tmp_path)
+    model = loaded.model
+    assert loaded.provenance["config"] == cfg.to_dict() and loaded.backbone is None
+    np.testing.assert_array_equal(embed(model, clean), embed(trainer.model, clean))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"bad\.pt"):
-        P.load_model(tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError, match=r"bad\.pt"):
+        load_model(tmp_path / "bad.pt")

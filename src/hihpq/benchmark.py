@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from hihpq import pipeline as P
+from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import Config, load_config
+from hihpq.data.prepare import PreparedFeatures, prepare_features
+from hihpq.evaluation import rank_database, retrieval_scores
 from hihpq.runinfo import git_commit, seed_everything, write_json
 from hihpq.train import Trainer
 
@@ -73,24 +75,24 @@ def curve_scores(ranked: np.ndarray, query_labels: np.ndarray, db_labels: np.nda
     }
 
 
-def evaluate_learned(model, prep: P.PreparedFeatures, topk: int, metric: str = "adc") -> dict[str, Any]:
-    """:func:`hihpq.pipeline.evaluate_prepared` plus the curves of :func:`curve_scores` (which need the ranking)."""
+def evaluate_learned(model, prep: PreparedFeatures, topk: int, metric: str = "adc") -> dict[str, Any]:
+    """:func:`hihpq.evaluation.evaluate_prepared` plus the curves of :func:`curve_scores` (which need the ranking)."""
     split = prep.split
-    ranked, info = P.rank_database(model, prep.queries, prep.database, topk, metric)
-    scores = P.retrieval_scores(ranked, split.query_labels, split.database_labels, topk)
+    ranked, info = rank_database(model, prep.queries, prep.database, topk, metric)
+    scores = retrieval_scores(ranked, split.query_labels, split.database_labels, topk)
     scores.update(info)
     scores.update(curve_scores(ranked, split.query_labels, split.database_labels))
     return scores
 
 
 def run_learned(
-    cfg: Config, prep: P.PreparedFeatures, progress: bool = True, *, return_model: bool = False
+    cfg: Config, prep: PreparedFeatures, progress: bool = True, *, return_model: bool = False
 ) -> dict[str, Any] | tuple[dict[str, Any], Any]:
     """Train one learned method on the cached features and score it; ``return_model``: (scores, model)."""
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    model = P.build_model(cfg, prep.clean.shape[1])
-    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=progress))
+    model = build_model(cfg, prep.clean.shape[1])
+    trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=progress))
     history = trainer.fit(prep.train_source())
     scores = evaluate_learned(model, prep, cfg.eval.topk, cfg.eval.metric)
     scores["train_s"] = sum(h["epoch_s"] for h in history)
@@ -99,7 +101,7 @@ def run_learned(
     return (scores, model) if return_model else scores
 
 
-def run_baseline(method: str, bits: int, seed: int, prep: P.PreparedFeatures, topk: int) -> dict[str, Any]:
+def run_baseline(method: str, bits: int, seed: int, prep: PreparedFeatures, topk: int) -> dict[str, Any]:
     from hihpq.baselines import ITQ, PCAOPQ, PCAPQ, FloatCosine
 
     t0 = time.perf_counter()
@@ -113,7 +115,7 @@ def run_baseline(method: str, bits: int, seed: int, prep: P.PreparedFeatures, to
         warnings.simplefilter("ignore")
         est.fit(prep.clean_of(prep.split.train))
     _, ranked = est.add(prep.database).search(prep.queries, topk)
-    scores = P.retrieval_scores(ranked, prep.split.query_labels, prep.split.database_labels, topk)
+    scores = retrieval_scores(ranked, prep.split.query_labels, prep.split.database_labels, topk)
     scores["wall_s"] = time.perf_counter() - t0
     scores.update(curve_scores(ranked, prep.split.query_labels, prep.split.database_labels))
     return scores
@@ -165,7 +167,7 @@ def run_grid(
             if method not in BASELINES:
                 method_config(protocol, method, bits, seeds[0], list(overrides))
     t0 = time.perf_counter()
-    prep = P.prepare_features(base, data_dir=data_dir, progress=progress)
+    prep = prepare_features(base, data_dir=data_dir, progress=progress)
     features_s = time.perf_counter() - t0
     print(prep.split.summary(), f"(features ready in {features_s:.0f} s)")
     command = _command_line()
@@ -242,10 +244,10 @@ def write_grid_report(out: str | Path, title: str | None = None) -> list[Path]:
     return write_report(details_dir, records, details, title=title)
 
 
-def plot_model_poincare(model, cfg: Config, prep: P.PreparedFeatures, path: str | Path) -> Path:
+def plot_model_poincare(model, cfg: Config, prep: PreparedFeatures, path: str | Path) -> Path:
     """Subspace 1 of a trained model on the Poincare disk: up to 2,000 training images coloured by class, the
     codewords and the prototypes of a hierarchy fitted (with the config's levels) on all training images."""
-    from hihpq.report import plot_poincare
+    from hihpq.report_plots import plot_poincare
 
     split = prep.split
     levels = [n for n in cfg.hierarchy.levels if n <= len(split.train)]

@@ -1,6 +1,7 @@
-"""Command line: ``hihpq train | evaluate | encode | search | serve | index info | configs | demo | bench | report``.
+"""Command line: ``hihpq train | evaluate | encode | search | serve | index | configs | demo | bench | report``.
 
-Every command that produces results writes ``run.json`` (config, seed, versions, git commit) beside them.
+``hihpq index`` has ``info``, ``add`` and ``remove``. Every command that produces results writes ``run.json`` (config,
+seed, versions, git commit) beside them.
 """
 
 from __future__ import annotations
@@ -8,11 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
-from hihpq.config import ConfigError, builtin_configs, load_config, save_config
-from hihpq.runinfo import run_record, seed_everything, write_json
+from hihpq.config import ConfigError, builtin_configs, load_config
+from hihpq.runinfo import run_record, write_json
 
 log = logging.getLogger("hihpq")
 
@@ -38,6 +38,14 @@ def _add_override_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args) -> object:
     overrides = list(args.overrides)
+    if getattr(args, "images", None):
+        overrides += ["data.dataset=images", f"data.root={args.images}"]
+    if getattr(args, "eval_labels", None):
+        overrides.append(f"data.eval_labels={args.eval_labels}")
+    if args.config is None:
+        if not getattr(args, "images", None):
+            raise ConfigError("give a config (see `hihpq configs`) or --images DIR")
+        args.config = "photos"
     if getattr(args, "device", None):
         overrides.append(f"train.device={args.device}")
     if getattr(args, "data", None):
@@ -129,119 +137,111 @@ def cmd_configs(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from hihpq import distributed
-    from hihpq import pipeline as P
-    from hihpq.train import Trainer
+    from hihpq.runs import train_run
 
     cfg = _load(args)
+    from hihpq.data.prepare import make_split, resolve_levels
+
     out = Path(args.out or f"runs/{cfg.name}")
-    _check_run_folder(out, cfg, resume=args.resume, force=args.force)
-    split = P.make_split(cfg)  # every process: concurrent unpackers of the CIFAR-10 tarball are safe
+    split = make_split(cfg)  # every process: concurrent unpackers of the CIFAR-10 tarball are safe
+    resolve_levels(cfg, len(split.train))  # hierarchy sizes from the data when the config gives none
     cfg.check_training_size(len(split.train))  # before the features: levels against the training set
-    # under torchrun: join the other processes; each GPU process gets cuda:LOCAL_RANK
-    ctx, device = distributed.init_from_env(cfg.train.device)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:  # a resumed run keeps the record of the config it started with (checked equal above)
-            save_config(cfg, out / "config.yaml")
-    cfg.train.device = device
-    seed_everything(cfg.seed)
-    t0 = time.perf_counter()
-    online = bool(cfg.backbone.trainable)  # a trained backbone: augment images through it on every step
-    with distributed.main_first():  # rank 0 fills the feature cache, the others read it
-        if online:
-            prep = P.prepare_online(cfg, split)
-            in_dim, source = prep.in_dim, prep.source
-        else:
-            prep = P.prepare_features(cfg, split, progress=ctx.is_main)
-            in_dim, source = prep.clean.shape[1], prep.train_source()
-    t_feat = time.perf_counter() - t0
-    if ctx.is_main:
-        print(prep.split.summary())
-    model = P.build_model(cfg, in_dim, backbone=prep.backbone if online else None)
-    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg, progress=ctx.is_main), out_dir=out)
-    trainer.fit(source, resume=args.resume)
-    t_train = time.perf_counter() - t0 - t_feat
-    distributed.shutdown()
-    if not ctx.is_main:  # rank 0 alone saves, evaluates and reports
-        return 0
-    P.save_model(out / "model.pt", model, cfg, in_dim)
-    record = run_record(cfg.to_dict(), cfg.seed, features_s=t_feat, train_s=t_train, skipped_images=prep.n_skipped)
-    if not args.no_eval:
-        if online:
-            scores = P.evaluate_online(model, prep.split, cfg, cfg.eval.topk, cfg.eval.metric)
-        else:
-            scores = P.evaluate_prepared(model, prep, cfg.eval.topk, cfg.eval.metric)
-        record["eval"] = scores
-        print(f"mAP@{cfg.eval.topk} = {scores[f'map_at_{cfg.eval.topk}']:.4f}")
-    write_json(out / "run.json", record)
+    _check_run_folder(out, cfg, resume=args.resume, force=args.force)
+    out = train_run(cfg, out, resume=args.resume, evaluate=not args.no_eval, split=split)
     print(f"model, log and run record in {out}/")
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from hihpq import pipeline as P
+def _run_config(loaded, args):
+    """The training config a model file records (provenance), for the protocol it is evaluated on."""
+    from hihpq.config import from_dict
 
-    model, cfg, _ = P.load_model(args.model)
-    split, q_emb, db_emb = P.protocol_embeddings(model, cfg, args.data)
+    recorded = loaded.provenance.get("config")
+    if not recorded:
+        raise ValueError(f"{loaded.path} records no training config: evaluate it with the Python API")
+    cfg = from_dict(recorded)
+    if getattr(args, "device", None):
+        cfg.train.device = args.device
+    return cfg
+
+
+def cmd_evaluate(args) -> int:
+    from hihpq import evaluation as E
+    from hihpq.models.io import load_model
+
+    loaded = load_model(args.model, device=args.device or "cpu")
+    cfg = _run_config(loaded, args)
+    split, q_emb, db_emb = E.protocol_embeddings(loaded, cfg, args.data)
+    if not len(split.query):
+        raise ValueError("the model's images have no labels: nothing to evaluate (train with --eval-labels FILE)")
     topk = args.topk or cfg.eval.topk
-    ranked, info, index = P.rank_embedded(model, q_emb, db_emb, topk, args.metric or cfg.eval.metric)
-    scores = {**P.retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
+    ranked, info, index = E.rank_embedded(loaded.model, q_emb, db_emb, topk, args.metric or cfg.eval.metric)
+    scores = {**E.retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
     print(f"{split.summary()}\nmAP@{topk} = {scores[f'map_at_{topk}']:.4f}")
     out = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     write_json(out / "eval.json", run_record(cfg.to_dict(), cfg.seed, eval=scores))
     if args.save_codes:
-        P.save_retrieval(args.save_codes, index, q_emb, ranked, split, topk, scores[f"map_at_{topk}"])
+        E.save_retrieval(args.save_codes, index, q_emb, ranked, split, topk, scores[f"map_at_{topk}"])
         print(f"codes, query embeddings, codebooks and rankings in {args.save_codes}")
     return 0
 
 
 def cmd_encode(args) -> int:
-    from hihpq import pipeline as P
+    from hihpq import evaluation as E
     from hihpq.atomic import check_output
+    from hihpq.encoder import Encoder
     from hihpq.index import write_index
     from hihpq.index.io import is_index_file
 
     check_output(args.out, looks_like=is_index_file, what="hihpq index file", force=args.force)  # before any work
     if args.shard and not args.images:
         raise ValueError("--shard needs --images FOLDER (the protocol's database is encoded in one pass)")
-    model, cfg, _ = P.load_model(args.model)
-    ids, shard_meta, out = None, {}, Path(args.out)
+    enc = Encoder.load(args.model, device=args.device)
+    out, names = Path(args.out), None
     if args.images:
-        paths = P.list_images(args.images)
+        from hihpq.data.prepare import list_images
+
+        paths, ids, shard_meta = [p.absolute() for p in list_images(args.images)], None, {}
         if args.shard:  # this process's slice of the sorted paths; ids stay global positions
             from hihpq.index.shards import select_shard
 
             paths, ids, shard_meta, out = select_shard(paths, args.shard, args.out)
-        emb = P.embed_images(model, cfg, paths)
-        names = [str(p) for p in paths]
+        index = enc.index(paths, ids=ids, metric=args.metric, progress=True, on_error="skip")
+        index.user_metadata = {**index.user_metadata, **shard_meta}
+        if enc.skipped:
+            more = ", ..." if len(enc.skipped) > 5 else ""
+            print(f"skipped {len(enc.skipped)} unreadable image(s): {', '.join(enc.skipped[:5])}{more}")
     else:
-        split, _, emb = P.protocol_embeddings(model, cfg, args.data)
+        cfg = _run_config(enc.model_file, args)
+        split, _, emb = E.protocol_embeddings(enc.model_file, cfg, args.data)
         names = [split.dataset.describe(int(i)) for i in split.database]
-    index = P.build_index(model, emb, ids=ids, metric=args.metric)
-    meta = {"model": str(Path(args.model).resolve()), **shard_meta}
-    write_index(index, out, item_names=names, metadata=meta, force=args.force)
+        index = E.build_index(enc.model_file.model, emb, metric=args.metric)
+        index.user_metadata = {**index.user_metadata, **enc.index_metadata()}
+    write_index(index, out, item_names=names, force=args.force)
     print(f"wrote {index.ntotal} codes ({index.M} bytes each) to {out}")
     return 0
 
 
 def cmd_search(args) -> int:
-    from hihpq import pipeline as P
     from hihpq.data.folders import readable_images
+    from hihpq.data.prepare import list_images
+    from hihpq.encoder import Encoder
     from hihpq.index import read_index
+    from hihpq.index_update import check_model
 
-    index, meta = read_index(args.index, return_metadata=True)
-    model_path = args.model or meta.get("metadata", {}).get("model")
+    index = read_index(args.index)
+    model_path = args.model or index.user_metadata.get("model")
     if not model_path:
-        raise SystemExit("this index records no model; pass --model RUN_DIR")
-    queries, bad = readable_images(P.list_images(args.query))  # one bad query is skipped, not fatal
+        raise ValueError("this index records no model; pass --model RUN_DIR")
+    queries, bad = readable_images(list_images(args.query))  # one bad query is skipped, not fatal
     if bad:
         more = ", ..." if len(bad) > 5 else ""
         print(f"skipped {len(bad)} unreadable query image(s): {'; '.join(bad[:5])}{more}", file=sys.stderr)
     if not queries:
         raise ValueError(f"no readable query image in {args.query}")
-    model, cfg, _ = P.load_model(model_path)
-    emb = P.embed_images(model, cfg, queries)
+    enc = Encoder.load(model_path, device=args.device)
+    check_model(args.index, index.user_metadata, enc)
+    emb = enc.embed(queries)
     D, I = index.search(emb, args.k)
     for q, drow, irow in zip(queries, D, I, strict=True):
         print(f"query {q}")
@@ -249,6 +249,25 @@ def cmd_search(args) -> int:
         for rank, (d, i, name) in enumerate(zip(drow, irow, names, strict=True), 1):
             if i >= 0:
                 print(f"  {rank:3d}  id={i:<8d} d={d:.4f}  {name}")
+    return 0
+
+
+def cmd_index_add(args) -> int:
+    from hihpq.index_update import add_images
+
+    counts = add_images(args.index, args.images, model=args.model, device=args.device)
+    print(
+        f"added {counts['added']} image(s) to {args.index}; {counts['already_present']} already there, "
+        f"{counts['unreadable']} unreadable"
+    )
+    return 0
+
+
+def cmd_index_remove(args) -> int:
+    from hihpq.index_update import remove_items
+
+    removed = remove_items(args.index, ids=args.ids, paths=args.paths)
+    print(f"removed {removed} item(s) from {args.index}")
     return 0
 
 
@@ -330,7 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("train", help="train HiHPQ on a protocol (cached frozen-backbone views, or end to end)")
-    _add_config_args(p)
+    p.add_argument("config", nargs="?", help="built-in config name (see `hihpq configs`) or a YAML file")
+    _add_override_args(p)
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="train on every image below DIR (no labels needed; config default: photos); sets data.dataset=images",
+    )
+    p.add_argument("--eval-labels", metavar="FILE.csv", help="with --images: path,label lines enabling evaluation")
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (same config)")
     p.add_argument("--force", action="store_true", help="train over a run already in --out")
@@ -342,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--topk", type=_positive_int)
     p.add_argument("--metric", choices=["adc", "sdc"])
+    p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument(
         "--save-codes",
         metavar="FILE.npz",
@@ -356,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="an image folder to encode (default: the protocol's database)")
     p.add_argument("--data")
     p.add_argument("--metric", choices=["adc", "sdc"], default="adc")
+    p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument("--force", action="store_true", help="overwrite --out even when it is not an index file")
     p.add_argument(
         "--shard",
@@ -370,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, help="an image or a folder of images")
     p.add_argument("-k", type=_positive_int, default=10)
     p.add_argument("--model", help="run directory (default: the one recorded in the index)")
+    p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="serve an index over HTTP: search API and web page (needs hihpq[serve])")
@@ -389,6 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("index")
     pi.add_argument("--verify", action="store_true", help="check every section's checksum (exit 2 on a mismatch)")
     pi.set_defaults(func=cmd_index_info)
+    pa = isub.add_parser("add", help="encode images with the index's own model and append them (atomic)")
+    pa.add_argument("index")
+    pa.add_argument("--images", required=True, help="an image or a folder; paths already in the index are skipped")
+    pa.add_argument("--model", help="run directory (default: the one recorded in the index; must be that model)")
+    pa.add_argument("--device", help="cpu (default) or cuda[:N]")
+    pa.set_defaults(func=cmd_index_add)
+    pr = isub.add_parser("remove", help="remove items by path or id (atomic)")
+    pr.add_argument("index")
+    which = pr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--paths", nargs="+", help="image paths as added (relative ones are made absolute)")
+    which.add_argument("--ids", nargs="+", type=int)
+    pr.set_defaults(func=cmd_index_remove)
     pm = isub.add_parser("merge", help="join index shard files (from encode --shard) into one index")
     pm.add_argument("out", help="merged index file to write")
     pm.add_argument("shards", nargs="+", help="the shard files, every one exactly once")
@@ -401,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="an even smaller run (a minute or two)")
     p.set_defaults(func=cmd_demo)
 
-    from hihpq.report import METHOD_NAMES  # the names of benchmark.METHODS, without importing the training code
+    from hihpq.report_tables import METHOD_NAMES  # the names of benchmark.METHODS, without importing the training code
 
     p = sub.add_parser(
         "bench",

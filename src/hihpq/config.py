@@ -1,6 +1,6 @@
 """Run configuration: YAML files of sections, each section holding the arguments of one part of the pipeline.
 
-Configuration lives at the edges: library classes never see this object; :mod:`hihpq.pipeline` unpacks each
+Configuration lives at the edges: library classes never see this object; :mod:`hihpq.build` unpacks each
 section into the constructor it belongs to. Unknown keys and impossible values are refused before any work starts.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("cifar10", "folder", "flickr25k", "nuswide", "digits")
+DATASETS = ("cifar10", "folder", "flickr25k", "nuswide", "digits", "images")
 
 
 class ConfigError(ValueError):
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | folder | flickr25k | nuswide | digits
+    dataset: str = "cifar10"  # cifar10 | folder | flickr25k | nuswide | digits | images
     protocol: str = "II"  # cifar10 only: I or II
     root: str | None = None  # dataset location; cifar10 falls back to $HIHPQ_DATA
     split_seed: int = 2021
@@ -35,6 +35,7 @@ class DataConfig:
     lists: str | None = None  # flickr25k / nuswide: folder of the list files
     n_query: int | None = None  # folder / flickr25k: number of queries (default 2,000 for flickr25k)
     n_train: int | None = None  # folder / flickr25k: training images drawn from the database
+    eval_labels: str | None = None  # images: CSV of path,label enabling the evaluation
 
 
 @dataclass
@@ -305,6 +306,7 @@ SCHEMA: dict[str, Spec] = {
     "data.lists": _str(none=True),
     "data.n_query": _int(1, none=True),
     "data.n_train": _int(1, none=True),
+    "data.eval_labels": _str(none=True),
     "backbone.name": _str(),
     "backbone.weights": _str(none=True),
     "backbone.resolution": _int(8, 4096),
@@ -417,8 +419,8 @@ def builtin_configs() -> list[str]:
 
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder called like a built-in config is not one
+        if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         text = path.read_text()
     else:

@@ -10,8 +10,11 @@ import time
 import warnings
 from pathlib import Path
 
-from hihpq import pipeline as P
+from hihpq.build import build_loss, build_model, torch_backbone, train_settings
 from hihpq.config import load_config
+from hihpq.data.prepare import prepare_features
+from hihpq.evaluation import evaluate_prepared, retrieval_scores
+from hihpq.models.io import save_model
 from hihpq.runinfo import run_record, seed_everything, write_json
 from hihpq.train import Trainer
 
@@ -52,23 +55,29 @@ def run_demo(data: str | None = None, out: str | Path = "hihpq-demo", device: st
         [*demo_overrides(str(found) if found else None, quick), f"train.device={device}"],
     )
     seed_everything(cfg.seed)
-    prep = P.prepare_features(cfg)
+    prep = prepare_features(cfg)
     print(prep.split.summary())
     t_feat = time.perf_counter() - t_start
 
-    model = P.build_model(cfg, prep.clean.shape[1])
-    trainer = Trainer(model, P.build_loss(cfg), P.train_settings(cfg), out_dir=out / "run")
+    model = build_model(cfg, prep.clean.shape[1])
+    trainer = Trainer(model, build_loss(cfg), train_settings(cfg), out_dir=out / "run")
     history = trainer.fit(prep.train_source())
-    P.save_model(out / "run" / "model.pt", model, cfg, prep.clean.shape[1])
+    save_model(
+        out / "run" / "model.pt",
+        model,
+        backbone=torch_backbone(prep.backbone, cfg),
+        resolution=cfg.backbone.resolution,
+        provenance={"config": cfg.to_dict()},
+    )
     t_train = time.perf_counter() - t_start - t_feat
 
     q_labels, db_labels, topk = prep.split.query_labels, prep.split.database_labels, cfg.eval.topk
-    hihpq = P.evaluate_prepared(model, prep, topk)
+    hihpq = evaluate_prepared(model, prep, topk)
     with warnings.catch_warnings():  # a reduced training set is smaller than faiss's 39 * K advice
         warnings.simplefilter("ignore")
         pq = PCAPQ(bits=BITS, n_components=64, seed=cfg.seed, n_threads=1).fit(prep.clean_of(prep.split.train))
     _, ranked = pq.add(prep.database).search(prep.queries, topk)
-    pcapq = P.retrieval_scores(ranked, q_labels, db_labels, topk)
+    pcapq = retrieval_scores(ranked, q_labels, db_labels, topk)
 
     key = f"map_at_{topk}"
     rows = [("HiHPQ (ours)", hihpq[key]), ("PCA+PQ", pcapq[key])]

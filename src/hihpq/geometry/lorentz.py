@@ -11,6 +11,7 @@ axis kept at size 1. For M subspaces of points shaped (N, M, D), pass c of shape
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from hihpq.geometry._guards import (
@@ -37,6 +38,7 @@ __all__ = [
     "proj",
     "proj_tan0",
     "sqdist",
+    "to_poincare",
 ]
 
 
@@ -164,3 +166,40 @@ def centroid(points: torch.Tensor, weights: torch.Tensor, *, c=1.0) -> torch.Ten
     s_norm = inner(s, s, keepdim=True).abs().clamp_min(eps(s.dtype)).sqrt()
     out = s / (c.sqrt() * s_norm)
     return out.squeeze(-2) if squeeze else out
+
+
+def to_poincare(x, c=1.0, *, unit: bool = True) -> np.ndarray:
+    """Lorentz (hyperboloid) points -> Poincare ball.
+
+    The ball of curvature -c has radius 1/sqrt(c): p = x_space / (1 + sqrt(c) x0). Rescaled by sqrt(c) to the
+    unit ball this is p = x_space / (x0 + 1/sqrt(c)), which is what ``unit=True`` returns (so that formula is
+    already the unit disk: rescaling it once more by sqrt(c) would overshoot for c > 1).
+
+    Args:
+        x: (..., D) points on the hyperboloid <x, x>_L = -1/c (time coordinate first), numpy or torch.
+        c: curvature c > 0 (curvature -c), a float or an array broadcasting against (..., 1).
+        unit: the unit ball (default) or the ball of radius 1/sqrt(c).
+
+    Returns:
+        (..., D - 1) float64. The origin maps to 0; a point at geodesic distance r from the origin lands at
+        radius tanh(sqrt(c) r / 2) in the unit ball, strictly inside it.
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 1 or x.shape[-1] < 2:
+        raise ValueError(f"x must have shape (..., D) with D >= 2 (time coordinate first), got {x.shape}")
+    if isinstance(c, torch.Tensor):
+        c = c.detach().cpu().numpy()
+    c = np.asarray(c, dtype=np.float64)
+    if not np.all(c > 0):
+        raise ValueError(f"curvature c must be positive (curvature -c), got {c}")
+    if not np.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    if np.any(x[..., 0] <= 0):
+        raise ValueError("x must lie on the upper sheet of the hyperboloid (time coordinate x0 > 0)")
+    p = x[..., 1:] / (x[..., :1] + 1.0 / np.sqrt(c))
+    # Far-out points round to norm 1 in float64 (sqrt(c) r > ~37); keep them drawable inside the disk.
+    n = np.linalg.norm(p, axis=-1, keepdims=True)
+    p = p * np.minimum(1.0, (1.0 - 1e-12) / np.maximum(n, 1e-300))
+    return p if unit else p / np.sqrt(c)

@@ -118,10 +118,48 @@ class _ItemMetadata:
         return list(self._strings) if self._strings is not None else self.get(np.arange(len(self)))
 
     def take(self, positions: np.ndarray) -> _ItemMetadata:
-        return _ItemMetadata(self.get(positions))
+        if self._strings is not None:
+            return _ItemMetadata(self.get(positions))
+        # gather the byte ranges without decoding them (an index of millions of paths stays cheap to edit)
+        offsets, blob = np.asarray(self._offsets, np.int64), np.asarray(self._blob, np.uint8)
+        pos = np.asarray(positions, np.int64)
+        starts, lens = offsets[pos], offsets[pos + 1] - offsets[pos]
+        new_offsets = np.zeros(len(pos) + 1, np.int64)
+        np.cumsum(lens, out=new_offsets[1:])
+        gather = np.repeat(starts - new_offsets[:-1], lens) + np.arange(new_offsets[-1], dtype=np.int64)
+        return _ItemMetadata(offsets=new_offsets, blob=blob[gather])
 
     def extend(self, strings: list[str]) -> _ItemMetadata:
-        return _ItemMetadata(self.as_list() + strings)
+        if self._strings is not None:
+            return _ItemMetadata(self._strings + list(strings))
+        # append to the stored bytes: the existing items are copied as bytes, never decoded
+        offsets, blob = np.asarray(self._offsets, np.int64), np.asarray(self._blob, np.uint8)
+        new = _ItemMetadata(list(strings)).to_buffers()
+        return _ItemMetadata(
+            offsets=np.concatenate([offsets, offsets[-1] + new[0][1:]]), blob=np.concatenate([blob, new[1]])
+        )
+
+    def positions_of(self, strings: Sequence[str]) -> np.ndarray:
+        """(n,) int64: the row of each of ``strings`` among the items (the first one), -1 when absent; compared
+        as UTF-8 bytes, nothing stored is decoded."""
+        if self._strings is not None:
+            rows: dict = {}
+            for i, s in enumerate(self._strings):
+                rows.setdefault(s, i)
+            return np.array([rows.get(s, -1) for s in strings], np.int64)
+        wanted = [s.encode("utf-8") for s in strings]
+        offsets = np.asarray(self._offsets, np.int64)
+        lens = np.diff(offsets)
+        candidates = np.flatnonzero(np.isin(lens, [len(w) for w in wanted]))  # only items of a wanted length
+        blob = np.asarray(self._blob, np.uint8)
+        rows = {}
+        for i in candidates.tolist():
+            rows.setdefault(blob[offsets[i] : offsets[i + 1]].tobytes(), i)
+        return np.array([rows.get(w, -1) for w in wanted], np.int64)
+
+    def contains(self, strings: Sequence[str]) -> np.ndarray:
+        """(n,) bool: which of ``strings`` are items already."""
+        return self.positions_of(strings) >= 0
 
     def to_buffers(self) -> tuple[np.ndarray, np.ndarray]:
         """(offsets (n + 1,) int64, blob (nbytes,) uint8): the file layout."""
