@@ -84,20 +84,17 @@ def served_index(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("served")
     images = write_colour_folder(root / "photos", per_class=8)
-    # TODO(h10lib merge): train with `hihpq train --images` (no labels) once it exists; the folder dataset
-    # used here reads the colour sub-folders as classes, which the service never sees.
-    config = write_tiny_config(
+    config = write_tiny_config(  # no labels: trained as a user trains on a folder of photos (--images)
         root / "tiny.yaml",
         images,
         root / "cache",
         "served",
-        data={"n_query": 3, "n_train": 21},
         features={"n_views": 2},
         train={"epochs": 4, "batch_size": 24},
         hierarchy={"levels": [4, 2], "warmup_epochs": 1},
     )
     run = root / "run"
-    assert main(["train", str(config), "--out", str(run), "--no-eval"]) == 0
+    assert main(["train", str(config), "--images", str(images), "--out", str(run)]) == 0
     index = root / "photos.hpq"
     assert main(["encode", str(run), "--images", str(images.resolve()), "--out", str(index)]) == 0
     return root, images, run, index

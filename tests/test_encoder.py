@@ -73,6 +73,18 @@ def test_encoder_agrees_on_paths_pil_arrays_tensors_and_features(photos):
     assert len(enc.fingerprint) == 64 and enc.device == torch.device("cpu") and enc.resolution == 32
 
 
+def test_encoder_runs_a_frozen_backbone_in_the_fast_runtime_with_pytorchs_embeddings(photos):
+    from hihpq.models.runtime import CompiledBackbone
+
+    _, root, run, _ = photos
+    paths = sorted((root / "2024" / "trip" / "red").glob("*.png"))[:6]
+    fast, reference = Encoder.load(run), Encoder.load(run, runtime="torch")
+    assert isinstance(fast._backbone, CompiledBackbone)  # openvino is a dependency: "auto" must find it
+    assert not isinstance(reference._backbone, CompiledBackbone)
+    assert fast.fingerprint == reference.fingerprint  # the same model, another engine
+    np.testing.assert_allclose(fast.embed(paths), reference.embed(paths), atol=2e-3)
+
+
 def test_encoder_names_unreadable_images_or_skips_them(photos):
     _, root, run, _ = photos
     enc = Encoder.load(run)

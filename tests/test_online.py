@@ -123,14 +123,14 @@ def test_saved_model_keeps_the_trained_backbone(trained, tmp_path):
     assert payload["backbone"]["name"] == "efficientnet-lite0" and payload["backbone"]["resolution"] == 32
     assert payload["backbone"]["stored"] and payload["backbone"]["trainable"] == "all"
     loaded = load_model(tmp_path).model
-    q0, db0 = embed_split(model, prep.split, 32)
-    q1, db1 = embed_split(loaded, prep.split, 32)
+    _, q0, db0 = embed_split(model, prep.split, 32)
+    _, q1, db1 = embed_split(loaded, prep.split, 32)
     np.testing.assert_array_equal(q0, q1)
     np.testing.assert_array_equal(db0, db1)
     # the pretrained backbone gives other embeddings: the trained one really was saved
     fresh = build_model(cfg, prep.in_dim, backbone=prepare_online(cfg).backbone)
     fresh.load_state_dict({k: v for k, v in loaded.state_dict().items() if not k.startswith("backbone.")}, strict=False)
-    assert not np.allclose(embed_split(fresh.eval(), prep.split, 32)[0], q0)
+    assert not np.allclose(embed_split(fresh.eval(), prep.split, 32)[1], q0)
 
 
 def test_resume_equals_uninterrupted_run(setup, tmp_path, monkeypatch):
@@ -176,3 +176,30 @@ def test_cli_trains_end_to_end_with_a_trainable_backbone(setup, tmp_path):
     evaluated = json.loads((run / "eval.json").read_text())["eval"]["map_at_20"]
     assert evaluated == pytest.approx(record["eval"]["map_at_20"], abs=1e-6)
     assert main(["encode", str(run), "--out", str(tmp_path / "db.hpq")]) == 0
+
+
+def test_unreadable_images_leave_the_online_query_and_database_sets(trained):
+    """Issue 13 item 4 on the end-to-end path: a corrupt query or database image is excluded, not a grey placeholder."""
+    import dataclasses
+
+    from hihpq.data import ImageDataset
+
+    _, trainer, prep, _, _ = trained
+    split = prep.split
+    paths = [split.dataset.full_path(i) for i in range(len(split.dataset))]
+    broken = [paths[0].parent / f"zz-broken-{k}.jpg" for k in range(2)]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    try:
+        dataset = ImageDataset([*paths, *broken], labels=np.concatenate([split.dataset.labels, [0, 0]]))
+        bad_q, bad_db = len(paths), len(paths) + 1
+        grown = dataclasses.replace(
+            split, dataset=dataset, query=np.append(split.query, bad_q), database=np.append(split.database, bad_db)
+        )
+        kept, q, db = embed_split(trainer.model.eval(), grown, 32)
+    finally:
+        for path in broken:
+            path.unlink()
+    assert bad_q not in kept.query and bad_db not in kept.database and kept.params["excluded"] == 2
+    assert len(q) == len(split.query) and len(db) == len(split.database)
+    assert np.isfinite(q).all() and np.isfinite(db).all()

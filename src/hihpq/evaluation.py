@@ -154,7 +154,10 @@ def head(model: HiHPQ) -> HiHPQ:
 def embed_split(
     model: HiHPQ, split, resolution: int, *, batch_size: int = 64, num_workers: int | None = None, progress=False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings (n, M, D) of the queries and the database, clean view through the model's (trained) backbone."""
+    """(split, query embeddings, database embeddings) (n, M, D), clean view through the model's (trained) backbone.
+
+    Unreadable images leave the query and database sets of the returned split (counted in ``params["excluded"]``),
+    as in the frozen-backbone path: a grey placeholder would otherwise match every other one."""
     from hihpq.data import extract_clean_features
 
     if model.backbone is None:
@@ -173,14 +176,15 @@ def embed_split(
         **kw,
     )
     emb = embed(head(model), feats.features)
-    return emb[np.searchsorted(used, split.query)], emb[np.searchsorted(used, split.database)]
+    split = split.without(used[~feats.valid], sets=("query", "database"))
+    return split, emb[np.searchsorted(used, split.query)], emb[np.searchsorted(used, split.database)]
 
 
 def evaluate_online(model: HiHPQ, split, resolution: int, topk: int, metric: str = "adc", **kw) -> dict[str, Any]:
     """Retrieval figures of an end-to-end trained model (queries and database through its backbone); ``kw``: the
     batch_size / num_workers of :func:`embed_split`."""
     t0 = time.perf_counter()
-    q_emb, db_emb = embed_split(model, split, resolution, **kw)
+    split, q_emb, db_emb = embed_split(model, split, resolution, **kw)
     ranked, info, _ = rank_embedded(model, q_emb, db_emb, topk, metric, t0)
     return {**retrieval_scores(ranked, split.query_labels, split.database_labels, topk), **info}
 
@@ -195,8 +199,7 @@ def protocol_embeddings(loaded, cfg, data_dir: str | None = None, progress: bool
     if model.backbone is not None:
         split = make_split(cfg, data_dir)
         kw = {"batch_size": cfg.features.batch_size, "num_workers": cfg.features.num_workers}
-        q_emb, db_emb = embed_split(model, split, loaded.backbone["resolution"], progress=progress, **kw)
-        return split, q_emb, db_emb
+        return embed_split(model, split, loaded.backbone["resolution"], progress=progress, **kw)
     if loaded.frozen_backbone is None:
         raise ValueError(f"{loaded.path} holds no backbone record: it can only encode backbone features")
     prep = prepare_features(cfg, data_dir=data_dir, backbone=loaded.frozen_backbone, views=False, progress=progress)

@@ -45,6 +45,7 @@ __all__ = [
     "RUNTIMES",
     "CompiledBackbone",
     "RuntimeUnavailableError",
+    "accelerate",
     "compile_backbone",
     "cpu_threads",
     "default_runtime_dir",
@@ -350,22 +351,32 @@ def frozen_backbone(
     memo_key = _memo_key(name, weights, resolution, runtime, precision, cache_dir)
     if memo_key is not None and memo_key in _COMPILED:
         return _COMPILED[memo_key]
-    backbone = build_backbone(name, weights=weights)
+    fast = accelerate(build_backbone(name, weights=weights), resolution, runtime, precision, cache_dir=cache_dir)
+    if memo_key is not None and isinstance(fast, CompiledBackbone):
+        _COMPILED[memo_key] = fast
+    return fast
+
+
+def accelerate(
+    backbone: Backbone,
+    resolution: int,
+    runtime: str = "auto",
+    precision: str = "fp32",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Backbone | CompiledBackbone:
+    """``backbone`` (frozen, on the CPU) compiled in ``runtime``; "auto" tries each installed runtime in turn and
+    falls back to ``backbone`` itself with one warning. Used for a backbone already built (a loaded model's)."""
     candidates = AUTO_ORDER if runtime == "auto" else (runtime,)
     if precision == "bf16":
         candidates = ("openvino",)
     problems = []
     for candidate in candidates:
         try:
-            compiled = compile_backbone(backbone, resolution, candidate, precision, cache_dir)
+            return compile_backbone(backbone, resolution, candidate, precision, cache_dir)
         except Exception as exc:  # missing package or a failed export: "auto" tries the next one
             if runtime != "auto":
                 raise
             problems.append(f"{candidate}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            continue
-        if memo_key is not None:
-            _COMPILED[memo_key] = compiled
-        return compiled
     if precision != "fp32":
         raise RuntimeUnavailableError(f"precision {precision} needs OpenVINO: {'; '.join(problems)}")
     log.warning(
