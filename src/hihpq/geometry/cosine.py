@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from hihpq.geometry._guards import eps, full_precision, safe_norm
+from hihpq.geometry.euclidean import inner, pairwise_inner  # the same dot products
 
 __all__ = [
     "centroid",
@@ -42,18 +43,6 @@ __all__ = [
 def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """x / |x| along ``dim``; a zero vector stays zero (its cosine with anything is 0)."""
     return x / safe_norm(x, dim=dim, keepdim=True)
-
-
-@full_precision
-def inner(x: torch.Tensor, y: torch.Tensor, *, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
-    """Dot product."""
-    return (x * y).sum(dim=dim, keepdim=keepdim)
-
-
-@full_precision
-def pairwise_inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Dot products of all pairs: (..., n, D) x (..., m, D) -> (..., n, m)."""
-    return x @ y.transpose(-1, -2)
 
 
 def origin(D: int, *, c=1.0, dtype=torch.float32, device=None) -> torch.Tensor:
