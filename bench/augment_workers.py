@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hihpq.data import AugmentConfig, ImageDataset, eval_transform, train_transform
+from hihpq.runinfo import cpu_name, run_record, write_json
 from hihpq.train import ImageViews
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -106,19 +107,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"workers {r['workers']}: {r['images_per_s']:8.1f} images/s (2 views each, {args.resolution} px)  "
             f"x{r['speedup_vs_first']:.2f} vs {rows[0]['workers']} workers  identical views: {r['identical_to_first']}"
         )
-    result = {
-        "bench": "augment_workers",
-        "cpu_cores": os.cpu_count(),
-        "source": str(args.data) if args.data else "generated 32 px JPEG",
-        "resolution": args.resolution,
-        "batch": args.batch,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result = run_record(  # command, commit, versions, threads beside the figures
+        bench="augment_workers",
+        cpu=cpu_name(),
+        cpu_cores=os.cpu_count(),
+        source=str(args.data) if args.data else "generated 32 px JPEG",
+        resolution=args.resolution,
+        batch=args.batch,
+        steps=args.steps,
+        repeats=args.repeats,
+        rows=rows,
+    )
+    write_json(args.out, result, force=True)
     print(json.dumps(result))
     return result
 

@@ -23,13 +23,9 @@ ratio is measured in one run and is the robust figure).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,38 +36,9 @@ from hihpq.data import AugmentConfig, ImageFolderDataset, extract_clean_features
 from hihpq.data.protocols import find_cifar10
 from hihpq.data.transforms import eval_transform, seeded_call, train_transform
 from hihpq.models import CompiledBackbone, frozen_backbone
+from hihpq.runinfo import cpu_name, run_record, write_json
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "openvino", "onnxruntime", "pillow", "numpy"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _dataset(args: argparse.Namespace) -> ImageFolderDataset:
@@ -200,24 +167,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"{views_rate:.1f}/s; augmentation alone {aug_new:.0f} views/s (torchvision Compose {aug_old:.0f})",
             flush=True,
         )
-    result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": _commit(),
-        "images": str(ds.root),
-        "n": len(idx),
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "torch_threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
-        "versions": _versions(),
-        "results": records,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    result = run_record(
+        images=str(ds.root),
+        n=len(idx),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cpu=cpu_name(),
+        cpu_count=os.cpu_count(),
+        load_avg_1min={"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        results=records,
+    )
+    write_json(args.out, result, force=True)
     last = next((r for r in records if r["resolution"] == 224), records[-1])
     keys = ("resolution", "torch_img_per_s", "fast_img_per_s", "ratio", "max_rel_diff", "views_per_s")
     print(json.dumps({k: last[k] for k in keys}))

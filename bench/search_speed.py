@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hihpq.index import HyperbolicPQIndex, reference_scan
+from hihpq.runinfo import cpu_name
 
 
 def _lorentz_points(rng: np.random.Generator, n: int, c: np.ndarray, D: int, scale: float = 0.5) -> np.ndarray:
@@ -45,17 +45,6 @@ def _time(fn, repeats: int) -> tuple[float, float, object]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return min(times), statistics.median(times), out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     fq = rng.standard_normal((nq, d_faiss)).astype(np.float32)
 
     load_before = os.getloadavg()[0]
-    print(f"cpu {_cpu_name()}, {os.cpu_count()} cores, load average {load_before:.2f}")
+    print(f"cpu {cpu_name()}, {os.cpu_count()} cores, load average {load_before:.2f}")
     print(f"N = {N:,} codes, M = {M}, K = {K}, {nq} queries, k = {k}")
     lines = {}
     for threads in (1, 2):
@@ -121,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "nq": nq,
         "k": k,
         "repeats": args.repeats,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_avg_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "faiss_version": faiss.__version__,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,26 @@ def write_tiny_config(path: Path, images: Path, cache: Path, name: str, **sectio
         cfg[section] = {**cfg.get(section, {}), **values}
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server or a torchrun rendezvous started by a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_head_config(*overrides: str):
+    """cifar10-ii-16 shrunk to an 8-bit, 16-codeword head that trains on small synthetic features in seconds."""
+    from hihpq.config import load_config
+
+    base = [
+        "quantizer.n_codewords=16",
+        "quantizer.bits=8",
+        "quantizer.feature_dim=8",
+        "projector.hidden=32",
+        "train.batch_size=32",
+        "hierarchy.levels=[8, 4]",
+        "hierarchy.warmup_epochs=1",
+    ]
+    return load_config("cifar10-ii-16", [*base, *overrides])

@@ -6,26 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_head_config
 from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import ConfigError, load_config
 from hihpq.train import CachedViews, Trainer, _StepForward, amp_dtype
 
 
 def _cfg(*extra):
-    return load_config(
-        "cifar10-ii-16",
-        [
-            "quantizer.n_codewords=16",
-            "quantizer.bits=8",
-            "quantizer.feature_dim=8",
-            "projector.hidden=32",
-            "train.batch_size=32",
-            "train.epochs=2",
-            "hierarchy.levels=[8, 4]",
-            "hierarchy.warmup_epochs=1",
-            *extra,
-        ],
-    )
+    return tiny_head_config("train.epochs=2", *extra)
 
 
 def _source(n=96, dim=24, seed=0):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import write_colour_folder, write_tiny_config
+from helpers import free_port, write_colour_folder, write_tiny_config
 from hihpq import distributed
 from hihpq.cli import main
 
@@ -43,19 +42,13 @@ if os.environ.get("RANK") is not None:  # a torchrun worker, not the launcher
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(config: Path, out: Path, *extra: str, nproc: int = 2, pythonpath=()) -> subprocess.Popen:
     path = [*map(str, pythonpath), str(SRC), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         "-m", "hihpq", "train", str(config), "--out", str(out), *extra,
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

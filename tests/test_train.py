@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_head_config
 from hihpq.build import build_loss, build_model, train_settings
-from hihpq.config import load_config
 from hihpq.evaluation import embed, evaluate_model
 from hihpq.metrics import map_at_k
 from hihpq.models.io import ModelFileError, load_model, save_model
@@ -25,22 +25,7 @@ def _blobs(n_classes=4, per_class=40, n_views=3, dim=24, seed=0):
 
 
 def _cfg(tmp_path, *extra):
-    return load_config(
-        "cifar10-ii-16",
-        [
-            "quantizer.n_codewords=16",
-            "quantizer.bits=8",
-            "quantizer.feature_dim=8",
-            "projector.hidden=32",
-            "train.batch_size=32",
-            "train.epochs=4",
-            "hierarchy.levels=[8, 4]",
-            "hierarchy.warmup_epochs=1",
-            "eval.topk=40",
-            f"features.cache_dir={tmp_path}",
-            *extra,
-        ],
-    )
+    return tiny_head_config("train.epochs=4", "eval.topk=40", f"features.cache_dir={tmp_path}", *extra)
 
 
 def _trainer(cfg, out_dir=None):

@@ -18,9 +18,20 @@ import torch
 
 from hihpq.atomic import atomic_path, is_json_file
 
-__all__ = ["atomic_path", "git_commit", "run_record", "seed_everything", "versions", "write_json"]
+__all__ = ["atomic_path", "cpu_name", "git_commit", "run_record", "seed_everything", "versions", "write_json"]
 
-_PACKAGES = ("hihpq", "torch", "torchvision", "numpy", "faiss-cpu", "numba", "scikit-learn")
+_PACKAGES = (
+    "hihpq",
+    "torch",
+    "torchvision",
+    "numpy",
+    "faiss-cpu",
+    "numba",
+    "scikit-learn",
+    "pillow",
+    "openvino",
+    "onnxruntime",
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -57,6 +68,18 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def cpu_name() -> str:
+    """The processor's model name (benchmarks record it beside their figures)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def run_record(config: dict[str, Any] | None = None, seed: int | None = None, **extra: Any) -> dict[str, Any]:
