@@ -434,3 +434,49 @@ def test_derive_seed():
     seeds = {derive_seed(0, i, v) for i in range(50) for v in range(4)}
     assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 3, 2)
+
+
+def test_folder_protocol_database_size(tmp_path):
+    """data.n_database bounds the folder protocol's database; without it the database is every non-query image
+    and the split parameters (part of feature-cache keys) stay as before."""
+    from helpers import write_colour_folder
+
+    from hihpq.config import load_config
+    from hihpq.data.prepare import make_split
+
+    root = write_colour_folder(tmp_path / "images", per_class=20)  # 60 images
+    base = ["data.dataset=folder", f"data.root={root}", "data.n_query=10"]
+    full = make_split(load_config("cifar10-ii-16", base))
+    assert (len(full.query), len(full.database), len(full.train)) == (10, 50, 50)
+    assert full.params == {"n_query": 10, "n_train": 50}
+    part = make_split(load_config("cifar10-ii-16", [*base, "data.n_database=30", "data.n_train=12"]))
+    assert (len(part.query), len(part.database), len(part.train)) == (10, 30, 12)
+    assert part.params["n_database"] == 30
+    assert set(part.train) <= set(part.database) and not set(part.query) & set(part.database)
+    with pytest.raises(ValueError, match="exceed"):
+        make_split(load_config("cifar10-ii-16", [*base, "data.n_database=51"]))
+
+
+def test_validation_fold_uses_training_images_only():
+    """PreparedFeatures.validation_fold: queries, database and training set all come from the training images,
+    queries never in the database, views follow the training rows they belong to."""
+    from hihpq.data.prepare import PreparedFeatures
+
+    labels = np.arange(100) % 5
+    ds = ArrayImageDataset(np.zeros((100, 4, 4, 3), np.uint8), labels)
+    split = P.Split("toy", ds, np.arange(0, 20), np.arange(20, 100), np.arange(40, 90))
+    used = np.arange(100)
+    clean = np.arange(100, dtype=np.float16)[:, None].repeat(3, 1)
+    views = (np.arange(40, 90, dtype=np.float16)[:, None, None] + np.zeros((1, 2, 3), np.float16))
+    valid = np.ones(50, bool)
+    valid[7] = False  # pool image 47 is unreadable
+    prep = PreparedFeatures(split, clean, used, views, 1, valid)
+    fold = prep.validation_fold(10, seed=3)
+    q, db, tr = fold.split.query, fold.split.database, fold.split.train
+    assert len(q) == 10 and len(db) == 39 and np.array_equal(db, tr)
+    assert not set(q) & set(db) and set(q) | set(db) == set(range(40, 90)) - {47}
+    assert np.array_equal(fold.views[:, 0, 0].astype(int), tr)  # each view row is its training image's
+    assert np.array_equal(fold.queries[:, 0].astype(int), q)
+    assert not np.array_equal(prep.validation_fold(10, seed=4).split.query, q)
+    with pytest.raises(ValueError, match="n_query"):
+        prep.validation_fold(49)

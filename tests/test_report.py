@@ -443,3 +443,26 @@ def test_bench_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     assert main(["bench", "--protocol", "nowhere", "--out", str(out)]) == 2
     assert "no config named" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_run_learned_sizes_an_empty_hierarchy_from_the_training_set():
+    """`hierarchy.levels=[]` in a grid: the level sizes follow the number of training images (auto_levels), as in
+    `hihpq train`, instead of reaching the trainer empty."""
+    from helpers import tiny_head_config
+
+    from hihpq.benchmark import run_learned
+    from hihpq.data import ArrayImageDataset, Split
+    from hihpq.data.prepare import PreparedFeatures, auto_levels
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(360) % 3
+    centres = rng.normal(size=(3, 24))
+    clean = (centres[labels] + 0.3 * rng.normal(size=(360, 24))).astype(np.float16)
+    train = np.arange(60, 360)
+    views = (clean[train][:, None, :] + 0.1 * rng.normal(size=(300, 2, 24))).astype(np.float16)
+    ds = ArrayImageDataset(np.zeros((360, 2, 2, 3), np.uint8), labels)
+    prep = PreparedFeatures(Split("toy", ds, np.arange(60), train, train), clean, np.arange(360), views, 0)
+    cfg = tiny_head_config("train.epochs=2", "hierarchy.levels=[]", "eval.topk=30")
+    scores = run_learned(cfg, prep, progress=False)
+    assert cfg.hierarchy.levels == auto_levels(300) == [6, 3, 2]
+    assert 0.0 <= scores["map_at_30"] <= 1.0

@@ -22,7 +22,7 @@ import numpy as np
 
 from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import Config, load_config
-from hihpq.data.prepare import PreparedFeatures, prepare_features
+from hihpq.data.prepare import PreparedFeatures, prepare_features, resolve_levels
 from hihpq.evaluation import rank_database, retrieval_scores
 from hihpq.runinfo import git_commit, seed_everything, write_json
 from hihpq.train import Trainer
@@ -91,6 +91,7 @@ def run_learned(
     """Train one learned method on the cached features and score it; ``return_model``: (scores, model)."""
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
+    resolve_levels(cfg, len(prep.split.train))  # `hierarchy.levels=[]`: sizes from the number of training images
     model = build_model(cfg, prep.clean.shape[1])
     trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=progress))
     history = trainer.fit(prep.train_source())

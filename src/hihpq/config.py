@@ -35,6 +35,7 @@ class DataConfig:
     lists: str | None = None  # flickr25k / nuswide: folder of the list files
     n_query: int | None = None  # folder / flickr25k: number of queries (default 2,000 for flickr25k)
     n_train: int | None = None  # folder / flickr25k: training images drawn from the database
+    n_database: int | None = None  # folder / flickr25k: database size (default: every image that is not a query)
     eval_labels: str | None = None  # images: CSV of path,label enabling the evaluation
 
 
@@ -306,6 +307,7 @@ SCHEMA: dict[str, Spec] = {
     "data.lists": _str(none=True),
     "data.n_query": _int(1, none=True),
     "data.n_train": _int(1, none=True),
+    "data.n_database": _int(1, none=True),
     "data.eval_labels": _str(none=True),
     "backbone.name": _str(),
     "backbone.weights": _str(none=True),

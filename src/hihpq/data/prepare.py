@@ -75,12 +75,19 @@ def make_split(cfg: Config, data_dir: str | None = None):
     if d.dataset == "folder":
         ds = ImageFolderDataset(root)
         nq = d.n_query or max(1, len(ds) // 10)
-        q, db, tr = random_split_indices(len(ds), d.split_seed, n_query=nq, n_train=d.n_train or len(ds) - nq)
-        return Split("folder", ds, q, db, tr, seed=d.split_seed, params={"n_query": nq, "n_train": len(tr)})
+        nd = d.n_database or len(ds) - nq
+        q, db, tr = random_split_indices(
+            len(ds), d.split_seed, n_query=nq, n_train=d.n_train or nd, n_database=d.n_database
+        )
+        params = {"n_query": nq, "n_train": len(tr)}
+        if d.n_database is not None:  # only when given: the cache keys of earlier folder runs stay valid
+            params["n_database"] = len(db)
+        return Split("folder", ds, q, db, tr, seed=d.split_seed, params=params)
     if d.lists is None:
         raise DataNotFoundError(f"data.lists must point at the folder with the {d.dataset} list files")
     if d.dataset == "flickr25k":
-        return flickr25k_split(d.lists, root, d.split_seed, n_query=d.n_query or 2000, n_train=d.n_train or 5000)
+        n_query, n_train = d.n_query or 2000, d.n_train or 5000
+        return flickr25k_split(d.lists, root, d.split_seed, n_query=n_query, n_train=n_train, n_database=d.n_database)
     lists = Path(d.lists)
     if d.database_list is None:
         raise DataNotFoundError("nuswide needs data.database_list (the database list file of the protocol)")
@@ -191,6 +198,31 @@ class PreparedFeatures:
     @property
     def database(self) -> np.ndarray:
         return self.clean_of(self.split.database)
+
+    def validation_fold(self, n_query: int, seed: int = 0) -> PreparedFeatures:
+        """A protocol made of training images only, for choosing settings without touching the test queries.
+
+        ``n_query`` seeded training images become the queries; the other training images are both the database
+        and the training set (their cached views follow). Unreadable training images are left out.
+        """
+        from hihpq.data import Split
+
+        pos = np.arange(len(self.split.train)) if self.train_valid is None else np.flatnonzero(self.train_valid)
+        if not 0 < n_query < len(pos):
+            raise ValueError(f"n_query={n_query}: the validation fold needs 0 < n_query < {len(pos)} training images")
+        perm = np.random.default_rng(seed).permutation(pos)
+        q_pos, fit_pos = np.sort(perm[:n_query]), np.sort(perm[n_query:])
+        train = self.split.train
+        split = Split(
+            f"{self.split.name}-validation",
+            self.split.dataset,
+            train[q_pos],
+            train[fit_pos],
+            train[fit_pos],
+            seed=seed,
+            params={"n_query": int(n_query), "n_train": len(fit_pos), "of": self.split.name},
+        )
+        return PreparedFeatures(split, self.clean, self.used, np.asarray(self.views[fit_pos]), 0, None, self.backbone)
 
     def train_source(self):
         from hihpq.train import CachedViews

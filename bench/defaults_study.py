@@ -1,0 +1,130 @@
+"""Choosing the per-bit-length defaults without the benchmark's test queries: short grids on two tuning sets.
+
+    PYTHONPATH=src python bench/defaults_study.py --data ~/.cache/hihpq/cifar10-jpeg \
+        --fashion ~/.cache/hihpq/fashion-mnist -o backbone.resolution=224
+
+Tuning sets (neither holds a CIFAR-10 (II) query):
+- ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
+  the 5,000 are queries, the other 4,000 the database and the training set.
+- ``fashion``: Fashion-MNIST written as a folder (bench/fashion_mnist.py), a split of its own (split seed 7:
+  1,000 queries, 5,000 database, 2,000 training images; hierarchy sizes from the rule ``levels: []``).
+
+Every candidate (a named set of overrides per bit length, CANDIDATES) is trained once per tuning set with the
+built-in config of its bit length; the choice per bit length is the best mean over the two sets. Records are
+appended to bench/results/defaults_study.json after every run, so an interrupted study keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from hihpq.benchmark import run_learned
+from hihpq.config import load_config
+from hihpq.data.prepare import prepare_features
+from hihpq.runinfo import run_record, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results" / "defaults_study.json"
+
+
+def candidates(bits: int) -> dict[str, list[str]]:
+    """Named override sets per bit length. M = bits / 8 sub-quantizers (K = 256)."""
+    m = bits // 8
+    if bits == 16:  # M = 2: tau_qc = 0.1 M is the authors' 0.2; vary the sharpness and the width instead
+        return {
+            "authors": [],
+            "tau_qc=0.1": ["loss.tau_qc=0.1"],
+            "tau_qc=0.4": ["loss.tau_qc=0.4"],
+            "feature_dim=64": ["quantizer.feature_dim=64"],
+        }
+    return {  # the issue's hypothesis: the summed distance of M subspaces sharpens the logits as M grows
+        "authors": [],
+        "tau_qc=0.1M": [f"loss.tau_qc={0.1 * m:g}"],
+        "tau_qc=0.05M": [f"loss.tau_qc={0.05 * m:g}"],
+        "tau=0.2,clip=0.8,tau_qc=0.1M": ["quantizer.tau=0.2", "quantizer.clip_r=0.8", f"loss.tau_qc={0.1 * m:g}"],
+    }
+
+
+def tuning_sets(args) -> dict[str, tuple[list[str], object]]:
+    """name -> (overrides every run of the set gets, its PreparedFeatures)."""
+    sets = {}
+    if args.data:
+        over = [f"data.root={args.data}", *args.overrides]
+        prep = prepare_features(load_config("cifar10-ii-32", over)).validation_fold(1000, seed=0)
+        sets["cifar-train"] = (over, prep)
+    if args.fashion:
+        over = [
+            "data.dataset=folder",
+            f"data.root={args.fashion}",
+            "data.split_seed=7",
+            "data.n_query=1000",
+            "data.n_database=5000",
+            "data.n_train=2000",
+            "hierarchy.levels=[]",
+            *args.overrides,
+        ]
+        sets["fashion"] = (over, prepare_features(load_config("cifar10-ii-32", over)))
+    if not sets:
+        raise SystemExit("give --data (CIFAR-10) and/or --fashion (Fashion-MNIST folder)")
+    return sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", help="CIFAR-10 location (its training images make the first tuning set)")
+    ap.add_argument("--fashion", help="Fashion-MNIST image folder (bench/fashion_mnist.py)")
+    ap.add_argument("--bits", nargs="+", type=int, default=[16, 32, 64])
+    ap.add_argument("--only", nargs="+", help="candidate names to run (default all)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("-o", "--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if out.exists() else []
+    sets = tuning_sets(args)
+    for bits in args.bits:
+        for name, cand in candidates(bits).items():
+            if args.only and name not in args.only:
+                continue
+            for set_name, (over, prep) in sets.items():
+                cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand, f"seed={args.seed}"])
+                t0 = time.perf_counter()
+                scores = run_learned(cfg, prep, progress=False)
+                value = float(scores[f"map_at_{cfg.eval.topk}"])
+                print(f"{bits:>3} bits  {name:<30} {set_name:<12} mAP@{cfg.eval.topk} {100 * value:6.2f}  "
+                      f"c {scores['history'][-1]['curvature']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                records.append(
+                    run_record(
+                        cfg.to_dict(),
+                        args.seed,
+                        bits=bits,
+                        candidate=name,
+                        overrides=cand,
+                        tuning_set=set_name,
+                        map=round(value, 6),
+                        wall_s=round(time.perf_counter() - t0, 1),
+                    )
+                )
+                write_json(out, records, force=True)
+    summarise(records)
+
+
+def summarise(records: list[dict]) -> None:
+    """Per bit length: each candidate's mAP per tuning set and the mean; the best mean is the choice."""
+    by: dict[tuple[int, str], dict[str, float]] = {}
+    for r in records:
+        by.setdefault((r["bits"], r["candidate"]), {})[r["tuning_set"]] = r["map"]
+    sets = sorted({r["tuning_set"] for r in records})
+    for bits in sorted({b for b, _ in by}):
+        rows = [(name, vals) for (b, name), vals in by.items() if b == bits]
+        rows.sort(key=lambda nv: -sum(nv[1].values()) / len(nv[1]))
+        print(f"\n{bits} bits   " + "  ".join(f"{s:>12}" for s in sets) + "          mean")
+        for name, vals in rows:
+            cells = "  ".join(f"{100 * vals[s]:12.2f}" if s in vals else f"{'-':>12}" for s in sets)
+            print(f"  {name:<30} {cells}  {100 * sum(vals.values()) / len(vals):12.2f}")
+
+
+if __name__ == "__main__":
+    main()
