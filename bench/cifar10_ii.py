@@ -1,4 +1,4 @@
-"""CIFAR-10 (II) with the frozen EfficientNet-Lite0 backbone at 112 px: HiHPQ beside PCA+PQ and PCA+OPQ.
+"""CIFAR-10 (II) with the frozen EfficientNet-Lite0 backbone (224 px, the default): HiHPQ beside PCA+PQ and PCA+OPQ.
 
     python bench/cifar10_ii.py --data ~/.cache/hihpq/cifar10-jpeg            # hihpq, pq, opq; 16/32/64 bits; seeds 1-3
     python bench/cifar10_ii.py --data DIR --methods hihpq --bits 32 --seeds 1 2 3

@@ -8,8 +8,8 @@ from hihpq.config import ConfigError, builtin_configs, load_config, parse_overri
 def test_every_builtin_config_loads_and_validates():
     names = builtin_configs()
     # 12 paper settings + per bit width the 7 Table 2 variants and their 7 alternatives (L2 twin, lambda2 = 0.1)
-    # + photos.
-    assert len(names) == 12 + 3 * 7 + 3 * 7 + 1
+    # + photos + the second dataset of the defaults study (fashion-mnist-16/32/64).
+    assert len(names) == 12 + 3 * 7 + 3 * 7 + 1 + 3
     for name in names:
         cfg = load_config(name)
         assert cfg.quantizer.n_subspaces * cfg.quantizer.subspace_dim == cfg.quantizer.feature_dim
@@ -20,11 +20,30 @@ def test_photos_config_trains_on_an_image_folder_with_sizes_from_the_data():
     assert cfg.data.dataset == "images" and cfg.hierarchy.levels == []
 
 
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_second_dataset_configs_share_the_cifar_settings(bits):
+    fashion, cifar = load_config(f"fashion-mnist-{bits}"), load_config(f"cifar10-ii-{bits}")
+    assert fashion.data.dataset == "folder" and fashion.hierarchy.levels == []  # sizes from the training set
+    assert (fashion.data.n_query, fashion.data.n_database, fashion.data.n_train) == (1000, 10000, 2000)
+    assert fashion.quantizer == cifar.quantizer and fashion.loss == cifar.loss and fashion.train == cifar.train
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_cifar_ii_defaults_follow_the_defaults_study(bits):
+    """bench/results/defaults_study.json: tau_qc = 0.1 M at every bit length (the summed product distance grows
+    with M), feature dim 64; the hierarchy sizes are the authors' (= the auto rule for 5,000 training images)."""
+    cfg = load_config(f"cifar10-ii-{bits}")
+    assert cfg.quantizer.n_subspaces == bits // 8 and cfg.quantizer.feature_dim == 64
+    assert cfg.loss.tau_qc == pytest.approx(0.1 * cfg.quantizer.n_subspaces)
+    assert cfg.backbone.resolution == 224
+    assert cfg.hierarchy.levels == [100, 50, 25]
+
+
 def test_paper_setting_carries_authors_hyperparameters():
-    cfg = load_config("cifar10-ii-16")
+    cfg = load_config("cifar10-i-16")
     assert (cfg.quantizer.n_subspaces, cfg.quantizer.subspace_dim) == (2, 16)
     assert cfg.quantizer.tau == pytest.approx(1 / 5)  # authors' softmax_temp 5 multiplies the logits
-    assert cfg.hierarchy.levels == [100, 50, 25]
+    assert cfg.hierarchy.levels == [200, 100, 50]
     nus = load_config("nuswide-64")
     assert (nus.quantizer.n_subspaces, nus.quantizer.subspace_dim) == (8, 16)
     assert nus.eval.topk == 5000
