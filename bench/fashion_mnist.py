@@ -8,10 +8,10 @@ draws its own seeded queries / training set):
 
     <out>/<NN-class name>/<split>-<NNNNN>.png      default out: ~/.cache/hihpq/fashion-mnist
 
-Then, for example (the grid is the next session's job, not this script's):
+Then the second-dataset grid (configs fashion-mnist-16/32/64; README: Benchmarks):
 
-    hihpq bench --protocol folder ... -o data.dataset=folder -o data.root=~/.cache/hihpq/fashion-mnist \
-        -o data.n_query=2000 -o data.n_train=5000
+    hihpq bench --protocol fashion-mnist --methods pq opq itq float hihpq --bits 16 32 64 --seeds 1 2 3 \
+        --data ~/.cache/hihpq/fashion-mnist --out bench/results/fashion_mnist_lite0.json
 
 Files are written to a temporary folder beside ``out`` and renamed into place at the end, so an interrupted run
 leaves no half-written dataset; an existing complete folder is left alone unless ``--force``.
