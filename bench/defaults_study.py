@@ -80,7 +80,11 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[16, 32, 64])
     ap.add_argument("--only", nargs="+", help="candidate names to run (default all)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--baselines", action="store_true", help="run PCA+OPQ on each tuning set (the reference) instead of the candidates")
+    ap.add_argument(
+        "--baselines",
+        action="store_true",
+        help="run PCA+OPQ on each tuning set (the reference) instead of the candidates",
+    )
     ap.add_argument("--report", action="store_true", help="only print the summary of the records file")
     ap.add_argument("-o", "--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(RESULTS))
@@ -96,10 +100,20 @@ def main() -> None:
                 cfg = load_config(f"cifar10-ii-{bits}", over)
                 scores = run_baseline("opq", bits, args.seed, prep, cfg.eval.topk)
                 value = float(scores[f"map_at_{cfg.eval.topk}"])
-                print(f"{bits:>3} bits  {'PCA+OPQ (reference)':<30} {set_name:<12} mAP@{cfg.eval.topk} {100 * value:6.2f}")
+                print(
+                    f"{bits:>3} bits  {'PCA+OPQ (reference)':<30} {set_name:<12} mAP@{cfg.eval.topk} {100 * value:6.2f}"
+                )
                 records.append(
-                    run_record(None, args.seed, bits=bits, candidate="pca+opq", reference=True, tuning_set=set_name,
-                               map=round(value, 6), wall_s=round(scores["wall_s"], 1))
+                    run_record(
+                        None,
+                        args.seed,
+                        bits=bits,
+                        candidate="pca+opq",
+                        reference=True,
+                        tuning_set=set_name,
+                        map=round(value, 6),
+                        wall_s=round(scores["wall_s"], 1),
+                    )
                 )
                 write_json(out, records, force=True)
         for name, cand in candidates(bits).items():
@@ -110,8 +124,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 scores = run_learned(cfg, prep, progress=False)
                 value = float(scores[f"map_at_{cfg.eval.topk}"])
-                print(f"{bits:>3} bits  {name:<30} {set_name:<12} mAP@{cfg.eval.topk} {100 * value:6.2f}  "
-                      f"c {scores['history'][-1]['curvature']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"{bits:>3} bits  {name:<30} {set_name:<12} mAP@{cfg.eval.topk} {100 * value:6.2f}  "
+                    f"c {scores['history'][-1]['curvature']}  ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
                 records.append(
                     run_record(
                         cfg.to_dict(),

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from hihpq.config import load_config
-from hihpq.data.prepare import make_split, prepare_features
 from hihpq.data.feature_cache import FeatureCache
+from hihpq.data.prepare import make_split, prepare_features
 from hihpq.runinfo import cpu_name, run_record, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,8 +74,10 @@ def main() -> None:
     }
     out = Path(args.out) if args.out else RESULTS / f"feature_cache_{cfg.name}_{cfg.backbone.resolution}px.json"
     write_json(out, run_record(cfg.to_dict(), cfg.features.seed, figures=figures), force=True)
-    print(f"{n_used} clean images in {clean_s:.0f} s ({n_used / clean_s:.1f}/s), {n_views} views in {views_s:.0f} s "
-          f"({n_views / views_s:.1f}/s); whole cache {total_s / 60:.1f} min")
+    print(
+        f"{n_used} clean images in {clean_s:.0f} s ({n_used / clean_s:.1f}/s), {n_views} views in {views_s:.0f} s "
+        f"({n_views / views_s:.1f}/s); whole cache {total_s / 60:.1f} min"
+    )
     print(json.dumps(figures))
 
 

@@ -440,7 +440,6 @@ def test_folder_protocol_database_size(tmp_path):
     """data.n_database bounds the folder protocol's database; without it the database is every non-query image
     and the split parameters (part of feature-cache keys) stay as before."""
     from helpers import write_colour_folder
-
     from hihpq.config import load_config
     from hihpq.data.prepare import make_split
 
@@ -467,7 +466,7 @@ def test_validation_fold_uses_training_images_only():
     split = P.Split("toy", ds, np.arange(0, 20), np.arange(20, 100), np.arange(40, 90))
     used = np.arange(100)
     clean = np.arange(100, dtype=np.float16)[:, None].repeat(3, 1)
-    views = (np.arange(40, 90, dtype=np.float16)[:, None, None] + np.zeros((1, 2, 3), np.float16))
+    views = np.arange(40, 90, dtype=np.float16)[:, None, None] + np.zeros((1, 2, 3), np.float16)
     valid = np.ones(50, bool)
     valid[7] = False  # pool image 47 is unreadable
     prep = PreparedFeatures(split, clean, used, views, 1, valid)

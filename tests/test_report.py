@@ -449,7 +449,6 @@ def test_run_learned_sizes_an_empty_hierarchy_from_the_training_set():
     """`hierarchy.levels=[]` in a grid: the level sizes follow the number of training images (auto_levels), as in
     `hihpq train`, instead of reaching the trainer empty."""
     from helpers import tiny_head_config
-
     from hihpq.benchmark import run_learned
     from hihpq.data import ArrayImageDataset, Split
     from hihpq.data.prepare import PreparedFeatures, auto_levels
