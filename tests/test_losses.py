@@ -70,28 +70,16 @@ def _ref_prototype(q, prototypes, assignments, d, tau):
     return sum(per_level) / len(per_level)
 
 
-def _ref_instance(q, positives, d, tau):
-    """Eq. 19 with the positive in the denominator and the anchor itself excluded."""
+def _ref_instance(q, positives, d, tau, *, paper=False):
+    """Eq. 19 with the anchor itself excluded: the positive in the denominator (ours), or, with ``paper``, the
+    denominator as printed (the batch without the anchor, the positive not added)."""
     per_level = []
     for p in positives:
         acc = 0.0
         for i in range(len(q)):
             s_pos = math.exp(-d(q[i], p[i]) / tau)
             s_neg = sum(math.exp(-d(q[i], q[t]) / tau) for t in range(len(q)) if t != i)
-            acc += -math.log(s_pos / (s_pos + s_neg))
-        per_level.append(acc / len(q))
-    return sum(per_level) / len(per_level)
-
-
-def _ref_instance_paper(q, positives, d, tau):
-    """Eq. 19 as printed: the denominator sums over the batch without the anchor, the positive not added."""
-    per_level = []
-    for p in positives:
-        acc = 0.0
-        for i in range(len(q)):
-            s_pos = math.exp(-d(q[i], p[i]) / tau)
-            s_neg = sum(math.exp(-d(q[i], q[t]) / tau) for t in range(len(q)) if t != i)
-            acc += -math.log(s_pos / s_neg)
+            acc += -math.log(s_pos / (s_neg if paper else s_pos + s_neg))
         per_level.append(acc / len(q))
     return sum(per_level) / len(per_level)
 
@@ -145,7 +133,7 @@ def test_instance_loss_paper_denominator_matches_reference(kind):
     x = _emb(q, 6, 1)
     positives = [_emb(q, 6, 2), _emb(q, 6, 3)]
     got = instance_loss(x, positives, distance=dist, tau=0.25, denominator="paper")
-    ref = _ref_instance_paper(x, positives, _scalar_distance(dist), 0.25)
+    ref = _ref_instance(x, positives, _scalar_distance(dist), 0.25, paper=True)
     assert got.item() == pytest.approx(ref, rel=1e-10)
     ours = instance_loss(x, positives, distance=dist, tau=0.25, denominator="ours")
     assert ours.item() > got.item()  # the positive in the denominator can only raise the loss
