@@ -4,6 +4,7 @@
         --fashion ~/.cache/hihpq/fashion-mnist -o backbone.resolution=224
     ... --baselines     # PCA+OPQ on the same tuning sets, the reference a default must beat
     ... --report        # the summary table of the records so far
+    ... --study curvature   # c = 1 against learned curvatures (bench/results/curvature_study.json)
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -11,8 +12,10 @@ Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``fashion``: Fashion-MNIST written as a folder (bench/fashion_mnist.py), a split of its own (split seed 7:
   1,000 queries, 5,000 database, 2,000 training images; hierarchy sizes from the rule ``levels: []``).
 
-Every candidate (a named set of overrides per bit length, CANDIDATES) is trained once per tuning set with the
-built-in config of its bit length; the choice per bit length is the best mean over the two sets. Records are
+Every candidate (a named set of overrides per bit length) is trained once per tuning set with the built-in config
+of its bit length; the choice per bit length is the best mean over the two sets. The defaults study starts every
+candidate from the authors' values (AUTHORS), so that it reruns the same way now that the configs hold its
+winners; the curvature study starts from the configs as they are (c fixed at 1). Records are
 appended to bench/results/defaults_study.json after every run, so an interrupted study keeps what it measured.
 """
 
@@ -28,25 +31,49 @@ from hihpq.config import load_config
 from hihpq.data.prepare import prepare_features
 from hihpq.runinfo import run_record, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results" / "defaults_study.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The authors' scripts/cifar10-ii values per bit length (what the configs held before this study).
+AUTHORS = {
+    16: ["quantizer.feature_dim=32", "quantizer.tau=0.2", "quantizer.clip_r=0.8", "loss.tau_qc=0.2"],
+    32: ["quantizer.feature_dim=64", "quantizer.tau=1", "quantizer.clip_r=1.5", "loss.tau_qc=0.2"],
+    64: ["quantizer.feature_dim=64", "quantizer.tau=1", "quantizer.clip_r=1.5", "loss.tau_qc=0.2"],
+}
 
 
-def candidates(bits: int) -> dict[str, list[str]]:
-    """Named override sets per bit length. M = bits / 8 sub-quantizers (K = 256)."""
+def default_candidates(bits: int) -> dict[str, list[str]]:
+    """Named override sets per bit length, each on top of the authors' values. M = bits / 8 (K = 256)."""
     m = bits // 8
     if bits == 16:  # M = 2: tau_qc = 0.1 M is the authors' 0.2; vary the sharpness and the width instead
-        return {
+        cands = {
             "authors": [],
             "tau_qc=0.1": ["loss.tau_qc=0.1"],
             "tau_qc=0.4": ["loss.tau_qc=0.4"],
             "feature_dim=64": ["quantizer.feature_dim=64"],
         }
-    return {  # the issue's hypothesis: the summed distance of M subspaces sharpens the logits as M grows
-        "authors": [],
-        "tau_qc=0.1M": [f"loss.tau_qc={0.1 * m:g}"],
-        "tau_qc=0.05M": [f"loss.tau_qc={0.05 * m:g}"],
-        "tau=0.2,clip=0.8,tau_qc=0.1M": ["quantizer.tau=0.2", "quantizer.clip_r=0.8", f"loss.tau_qc={0.1 * m:g}"],
+    else:  # the issue's hypothesis: the summed distance of M subspaces sharpens the logits as M grows
+        cands = {
+            "authors": [],
+            "tau_qc=0.1M": [f"loss.tau_qc={0.1 * m:g}"],
+            "tau_qc=0.05M": [f"loss.tau_qc={0.05 * m:g}"],
+            "tau=0.2,clip=0.8,tau_qc=0.1M": ["quantizer.tau=0.2", "quantizer.clip_r=0.8", f"loss.tau_qc={0.1 * m:g}"],
+        }
+    return {name: [*AUTHORS[bits], *over] for name, over in cands.items()}
+
+
+def curvature_candidates(bits: int) -> dict[str, list[str]]:
+    """c fixed at 1 (the defaults) against a learned c: as the paper (bounded, free), as the authors' code (raw c,
+    weight decay, clamped after each step) and with the clip radius following c (keeps the distance scale)."""
+    learned = "quantizer.learn_curvature=true"
+    return {
+        "c=1 (fixed)": [],
+        "learned": [learned],
+        "learned, clamped+decay": [learned, "quantizer.curvature_param=clamped"],
+        "learned, keeps scale": [learned, "quantizer.curvature_keeps_scale=true"],
     }
+
+
+STUDIES = {"defaults": default_candidates, "curvature": curvature_candidates}
 
 
 def tuning_sets(args) -> dict[str, tuple[list[str], object]]:
@@ -86,10 +113,12 @@ def main() -> None:
         help="run PCA+OPQ on each tuning set (the reference) instead of the candidates",
     )
     ap.add_argument("--report", action="store_true", help="only print the summary of the records file")
+    ap.add_argument("--study", choices=sorted(STUDIES), default="defaults", help="which candidates (default: defaults)")
     ap.add_argument("-o", "--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", help="records file (default bench/results/<study>_study.json)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / f"{args.study}_study.json")
+    candidates = STUDIES[args.study]
     records = json.loads(out.read_text()) if out.exists() else []
     if args.report:
         return summarise(records)
@@ -138,6 +167,7 @@ def main() -> None:
                         overrides=cand,
                         tuning_set=set_name,
                         map=round(value, 6),
+                        curvature=[round(c, 4) for c in scores["history"][-1]["curvature"]],
                         wall_s=round(time.perf_counter() - t0, 1),
                     )
                 )

@@ -547,3 +547,70 @@ def test_codebooks_from_data_find_the_clusters_and_cut_the_quantization_error(ge
         assert sorted(nearest.tolist()) == list(range(Kq))
     with pytest.raises(ValueError, match="at least K"):
         q.init_codebooks_from_data(z[: Kq - 1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# keep_scale: the clip radius follows c, so that c shapes the clip ball without scaling its distances
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _on_sphere(q: ProductQuantizer, u: torch.Tensor) -> torch.Tensor:
+    """Directions u (B, M, D) (time coordinate ignored) scaled far past any clip radius, then embedded."""
+    u = u.clone()
+    u[..., 0] = 0
+    return q.embed(100.0 * u / u.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("c", [0.05, 0.3, 1.0, 3.0, 9.5])
+def test_keep_scale_holds_the_distance_of_orthogonal_points_and_changes_the_shape(c):
+    r0 = 0.8
+    q = ProductQuantizer(M, K, D, curvature=c, clip_r=r0, keep_scale=True, learn_curvature=False).double()
+    e1, e2 = torch.zeros(1, M, D, dtype=torch.float64), torch.zeros(1, M, D, dtype=torch.float64)
+    e1[..., 1], e2[..., 2] = 1.0, 1.0
+    a, b, anti = _on_sphere(q, e1), _on_sphere(q, e2), _on_sphere(q, -e1)
+    rho = math.acosh(math.cosh(r0) ** 2)  # orthogonal points at radius r0 when c = 1
+    torch.testing.assert_close(lorentz.dist(a, b, c=q.curvature[:, None]), torch.full((1, M), rho, dtype=torch.float64))
+    r = q.clip_radius(1, dtype=torch.float64).squeeze(-1)
+    # every embedding lies at distance r(c) from the origin; antipodal points 2 r(c) apart (shrinks as c grows)
+    torch.testing.assert_close(lorentz.dist(a, anti, c=q.curvature[:, None]), 2 * r[None])
+    assert (r < r0).all() if c > 1 else (r > r0).all() if c < 1 else torch.allclose(r, torch.full_like(r, r0))
+
+
+def test_keep_scale_is_the_same_model_at_c_1_and_differs_elsewhere():
+    z = _z(dtype=torch.float64, scale=3.0)
+    for c, same in ((1.0, True), (2.5, False)):
+        outs = []
+        for keep in (False, True):
+            q = ProductQuantizer(M, K, D, curvature=c, clip_r=0.8, keep_scale=keep, generator=_gen(3)).double()
+            outs.append(q(z))
+        for x, y in zip(*outs, strict=True):
+            assert torch.allclose(x, y, atol=1e-12) == same
+
+
+def test_keep_scale_passes_curvature_gradients_through_the_radius():
+    q = ProductQuantizer(M, K, D, curvature=1.3, clip_r=0.8, keep_scale=True, generator=_gen(4)).double()
+    z = _z(dtype=torch.float64, scale=3.0)  # past the radius: every embedding is clipped
+
+    def f(raw):
+        with torch.no_grad():
+            q.curvature_raw.copy_(raw)
+        q.curvature_raw.grad = None
+        out = quantized_contrastive_loss(q(z).h_soft, q(z.flip(0)).h_soft, distance=q.pairwise_distance, tau=0.3)
+        out.backward()
+        return out.detach(), q.curvature_raw.grad.clone()
+
+    raw0 = q.curvature_raw.detach().clone()
+    _, grad = f(raw0)
+    assert (grad != 0).all()
+    eps = 1e-6
+    for m in range(M):  # central differences against autograd, subspace by subspace
+        step = torch.zeros(M, dtype=torch.float64)
+        step[m] = eps
+        numeric = (f(raw0 + step)[0] - f(raw0 - step)[0]) / (2 * eps)
+        torch.testing.assert_close(grad[m], numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_keep_scale_needs_a_clip_radius_and_means_nothing_in_flat_geometries():
+    with pytest.raises(ValueError, match="keep_scale needs a clip radius"):
+        ProductQuantizer(M, K, D, clip_r=None, keep_scale=True)
+    assert not ProductQuantizer(M, K, D, geometry="euclidean", keep_scale=True).keep_scale

@@ -215,8 +215,9 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         trainer.fit(CachedViews(views, clean), resume=True)
 
 
-def test_model_file_round_trip(tmp_path):
-    cfg = _cfg(tmp_path, "train.epochs=1")
+@pytest.mark.parametrize("curvature", [[], ["quantizer.learn_curvature=true", "quantizer.curvature_keeps_scale=true"]])
+def test_model_file_round_trip(tmp_path, curvature):
+    cfg = _cfg(tmp_path, "train.epochs=1", *curvature)
     clean, views, _ = _blobs()
     trainer = _trainer(cfg)
     trainer.fit(CachedViews(views, clean))
@@ -224,6 +225,9 @@ def test_model_file_round_trip(tmp_path):
     loaded = load_model(tmp_path)
     model = loaded.model
     assert loaded.provenance["config"] == cfg.to_dict() and loaded.backbone is None
+    assert model.quantizer.keep_scale == bool(curvature)
+    if curvature:  # the learned c travels with the file (it sets the clip radius too)
+        torch.testing.assert_close(model.quantizer.curvature, trainer.model.quantizer.curvature)
     np.testing.assert_array_equal(embed(model, clean), embed(trainer.model, clean))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelFileError, match=r"bad\.pt"):

@@ -32,6 +32,7 @@ def build_quantizer(cfg: Config) -> ProductQuantizer:
         clip_r=q.clip_r,
         curvature_param=q.curvature_param,
         init_from_data=q.init_from_data,
+        keep_scale=q.curvature_keeps_scale,
     )
 
 

@@ -83,6 +83,8 @@ class QuantizerConfig:
     # bounded: c = sigmoid-bounded (steps multiplicative in c); clamped: the authors' raw c, decayed and clamped
     curvature_param: str = "bounded"
     init_from_data: bool = False  # k-means codebooks from the training views once the hierarchy warm-up is over
+    # the clip radius follows c so that c shapes the ball without scaling its distances (ProductQuantizer keep_scale)
+    curvature_keeps_scale: bool = False
 
     @property
     def n_subspaces(self) -> int:
@@ -334,6 +336,7 @@ SCHEMA: dict[str, Spec] = {
     "quantizer.clip_r": _float(0, lo_open=True, none=True),
     "quantizer.curvature_param": _str("bounded", "clamped"),
     "quantizer.init_from_data": Spec("bool"),
+    "quantizer.curvature_keeps_scale": Spec("bool"),
     "loss.tau_qc": _POSITIVE,
     "loss.lambda1": _NON_NEGATIVE,
     "loss.lambda2": _NON_NEGATIVE,

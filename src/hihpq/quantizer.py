@@ -92,6 +92,13 @@ class ProductQuantizer(nn.Module):
             is over (:meth:`init_codebooks_from_data`); stored here so that the setting travels with the model.
         clip_r: tangent vectors (embeddings and codewords) are scaled to norm <= clip_r before exp0, as in the
             authors' code; it bounds all distances. None disables clipping.
+        keep_scale: Lorentz with a clip radius only. False (the paper): the radius is clip_r whatever c, so a
+            larger c lengthens every distance between points on the clip sphere and acts as an inverse temperature
+            of the contrastive losses (bench/curvature_probe.py: every loss term falls as c grows, which is why a
+            learned c runs away). True: subspace m clips at r(c_m) = arcosh(sqrt(cosh(sqrt(c_m) rho))) / sqrt(c_m),
+            rho = arcosh(cosh(clip_r)^2), the radius at which two orthogonal directions lie rho apart, as they do at
+            c = 1 and radius clip_r: c then changes the shape of the ball (near pairs against far ones), not its
+            scale. r(1) = clip_r, so a fixed c = 1 gives the same model either way.
         init_scale: typical tangent norm of the initial codewords (Gaussian directions); default half the clip
             radius (0.5 without clipping), so they start spread inside the region the embeddings can reach.
         generator: torch.Generator for a reproducible codebook initialisation.
@@ -113,6 +120,7 @@ class ProductQuantizer(nn.Module):
         generator: torch.Generator | None = None,
         curvature_param: str = "bounded",
         init_from_data: bool = False,
+        keep_scale: bool = False,
     ):
         super().__init__()
         self.n_subspaces = M = _check_int("n_subspaces", n_subspaces, 1)
@@ -140,6 +148,9 @@ class ProductQuantizer(nn.Module):
         curvature = _check_positive("curvature", curvature)
         self.curvature_bounds = (lo, hi)
         self.learn_curvature = bool(learn_curvature) and self.geometry == "lorentz"
+        self.keep_scale = bool(keep_scale) and self.geometry == "lorentz"
+        if self.keep_scale and self.clip_r is None:
+            raise ValueError("keep_scale needs a clip radius (clip_r): it sets the radius from the curvature")
 
         if self.geometry == "lorentz":
             if not lo < curvature < hi:
@@ -208,16 +219,26 @@ class ProductQuantizer(nn.Module):
         """Compute dtype: at least fp32 (Lorentz inner products cancel badly in half precision)."""
         return torch.promote_types(torch.promote_types(x.dtype, self.codebook_tangent.dtype), torch.float32)
 
-    def _clip(self, v: torch.Tensor) -> torch.Tensor:
-        """v * min(1, clip_r / |v|) along the last axis; exact below the radius, differentiable everywhere."""
-        if self.clip_r is None:
+    def clip_radius(self, *trailing: int, dtype: torch.dtype = torch.float32) -> float | torch.Tensor | None:
+        """The clip radius: clip_r (a float), or with ``keep_scale`` r(c_m) per subspace shaped
+        (M, *([1] * trailing)) for broadcasting; None without clipping."""
+        if self.clip_r is None or not self.keep_scale:
+            return self.clip_r
+        sc = self._c(*trailing, dtype=torch.promote_types(dtype, torch.float32)).sqrt()
+        rho = math.acosh(math.cosh(self.clip_r) ** 2)
+        return (torch.acosh(torch.cosh(sc * rho).sqrt()) / sc).to(dtype)
+
+    def _clip(self, v: torch.Tensor, radius: float | torch.Tensor | None) -> torch.Tensor:
+        """v * min(1, radius / |v|) along the last axis; exact below the radius, differentiable everywhere."""
+        if radius is None:
             return v
-        return v * (self.clip_r / safe_norm(v)).clamp_max(1.0)
+        return v * (radius / safe_norm(v)).clamp_max(1.0)
 
     @_exact
     def codebooks(self) -> torch.Tensor:
         """(M, K, D) codewords on the manifold: exp0 of the clipped tangent codewords, c_m per subspace."""
-        v = self._clip(self.geo.proj_tan0(self.codebook_tangent))
+        t = self.geo.proj_tan0(self.codebook_tangent)
+        v = self._clip(t, self.clip_radius(1, 1, dtype=t.dtype))
         return self.geo.expmap0(v, c=self._c(1, 1, dtype=v.dtype))
 
     @torch.no_grad()
@@ -314,7 +335,7 @@ class ProductQuantizer(nn.Module):
         if not torch.isfinite(z).all():
             raise ValueError("z contains NaN or inf")
         v = self.geo.proj_tan0(z.to(self._dtype(z)))
-        return self._clip(v) if clip else v
+        return self._clip(v, self.clip_radius(1, dtype=v.dtype)) if clip else v
 
     @_exact
     def embed(self, z: torch.Tensor) -> torch.Tensor:
@@ -461,5 +482,6 @@ class ProductQuantizer(nn.Module):
             f"subspace_dim={self.subspace_dim}, "
             f"geometry={self.geometry!r}, tau={self.tau}, clip_r={self.clip_r}, "
             f"learn_curvature={self.learn_curvature}, curvature_bounds=({lo}, {hi}), "
-            f"curvature_param={self.curvature_param!r}, init_from_data={self.init_from_data}"
+            f"curvature_param={self.curvature_param!r}, keep_scale={self.keep_scale}, "
+            f"init_from_data={self.init_from_data}"
         )

@@ -91,6 +91,7 @@ def _quantizer_args(q: ProductQuantizer) -> dict[str, Any]:
         "curvature_bounds": [float(lo), float(hi)],
         "clip_r": None if q.clip_r is None else float(q.clip_r),
         "curvature_param": str(getattr(q, "curvature_param", "bounded")),
+        "keep_scale": bool(getattr(q, "keep_scale", False)),
     }
 
 
