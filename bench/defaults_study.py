@@ -4,7 +4,8 @@
         --fashion ~/.cache/hihpq/fashion-mnist -o backbone.resolution=224
     ... --baselines     # PCA+OPQ on the same tuning sets, the reference a default must beat
     ... --report        # the summary table of the records so far
-    ... --study curvature   # c = 1 against learned curvatures (bench/results/curvature_study.json)
+    ... --study model   # the defaults against a learned curvature, the linear projector, codebooks from data
+                        # (bench/results/model_study.json)
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -15,7 +16,7 @@ Tuning sets (neither holds a CIFAR-10 (II) query):
 Every candidate (a named set of overrides per bit length) is trained once per tuning set with the built-in config
 of its bit length; the choice per bit length is the best mean over the two sets. The defaults study starts every
 candidate from the authors' values (AUTHORS), so that it reruns the same way now that the configs hold its
-winners; the curvature study starts from the configs as they are (c fixed at 1). Records are
+winners; the model study starts from the configs as they are (c fixed at 1, MLP projector, random codebooks). Records are
 appended to bench/results/defaults_study.json after every run, so an interrupted study keeps what it measured.
 """
 
@@ -61,19 +62,22 @@ def default_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*AUTHORS[bits], *over] for name, over in cands.items()}
 
 
-def curvature_candidates(bits: int) -> dict[str, list[str]]:
-    """c fixed at 1 (the defaults) against a learned c: as the paper (bounded, free), as the authors' code (raw c,
-    weight decay, clamped after each step) and with the clip radius following c (keeps the distance scale)."""
+def model_candidates(bits: int) -> dict[str, list[str]]:
+    """The defaults (c fixed at 1, MLP projector, random codebooks) against: a learned c as the paper (bounded,
+    free), as the authors' code (raw c, weight decay, clamped after each step) and with the clip radius following
+    c (keeps the distance scale); the paper's linear projector; codebooks from k-means after the warm-up."""
     learned = "quantizer.learn_curvature=true"
     return {
-        "c=1 (fixed)": [],
-        "learned": [learned],
-        "learned, clamped+decay": [learned, "quantizer.curvature_param=clamped"],
-        "learned, keeps scale": [learned, "quantizer.curvature_keeps_scale=true"],
+        "defaults (c=1, mlp)": [],
+        "learned c": [learned],
+        "learned c, clamped+decay": [learned, "quantizer.curvature_param=clamped"],
+        "learned c, keeps scale": [learned, "quantizer.curvature_keeps_scale=true"],
+        "linear projector": ["projector.kind=linear"],
+        "codebooks from data": ["quantizer.init_from_data=true"],
     }
 
 
-STUDIES = {"defaults": default_candidates, "curvature": curvature_candidates}
+STUDIES = {"defaults": default_candidates, "model": model_candidates}
 
 
 def tuning_sets(args) -> dict[str, tuple[list[str], object]]:
