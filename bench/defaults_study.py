@@ -16,8 +16,8 @@ Tuning sets (neither holds a CIFAR-10 (II) query):
 Every candidate (a named set of overrides per bit length) is trained once per tuning set with the built-in config
 of its bit length; the choice per bit length is the best mean over the two sets. The defaults study starts every
 candidate from the authors' values (AUTHORS), so that it reruns the same way now that the configs hold its
-winners; the model study starts from the configs as they are (c fixed at 1, MLP projector, random codebooks). Records are
-appended to bench/results/defaults_study.json after every run, so an interrupted study keeps what it measured.
+winners; the model study starts from the configs as they are (c fixed at 1, MLP projector, random codebooks).
+Records are appended to the study's file after every run, so an interrupted study keeps what it measured.
 """
 
 from __future__ import annotations
