@@ -117,6 +117,8 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("Full - Vanilla, Euclidean", "full-euclidean", "vanilla-euclidean"),
     ("Instance - Vanilla, hyperbolic", "instance-hyperbolic", "vanilla-hyperbolic"),
     ("Prototype - Vanilla, hyperbolic", "prototype-hyperbolic", "vanilla-hyperbolic"),
+    ("Instance - Vanilla, Euclidean", "instance-euclidean", "vanilla-euclidean"),
+    ("Prototype - Vanilla, Euclidean", "prototype-euclidean", "vanilla-euclidean"),
 )
 
 
