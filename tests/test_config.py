@@ -37,6 +37,8 @@ def test_cifar_ii_defaults_follow_the_defaults_study(bits):
     assert cfg.loss.tau_qc == pytest.approx(0.1 * cfg.quantizer.n_subspaces)
     assert cfg.backbone.resolution == 224
     assert cfg.hierarchy.levels == [100, 50, 25]
+    # bench/results/model_study.json: a learned, scale-keeping curvature wins at 16 bits only
+    assert cfg.quantizer.learn_curvature == cfg.quantizer.curvature_keeps_scale == (bits == 16)
 
 
 def test_paper_setting_carries_authors_hyperparameters():

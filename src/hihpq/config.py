@@ -74,8 +74,9 @@ class QuantizerConfig:
     geometry: str = "lorentz"  # lorentz | euclidean | cosine (MeCoQ-style: unit sub-vectors, cosine scores)
     tau: float = 0.2  # soft-assignment temperature (divides; the authors' softmax_temp is 1 / tau)
     curvature: float = 1.0
-    # Fixed by default, unlike the paper: with the hierarchy losses a learned curvature climbs from 1 to ~7 and the
-    # full model swings with the seed (CIFAR-10 II, 32 bits: 47.5 +- 2.7 learned vs 50.0 +- 0.5 fixed, README).
+    # Fixed by default, unlike the paper: a larger c lengthens every distance on the clip sphere, which lowers the
+    # contrastive losses like a lower temperature, so a learned c climbs to 7-9 and the codes get worse (README: "The
+    # learned curvature"; bench/curvature_probe.py).
     learn_curvature: bool = False
     curvature_min: float = 0.01
     curvature_max: float = 10.0
