@@ -215,8 +215,10 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         trainer.fit(CachedViews(views, clean), resume=True)
 
 
-@pytest.mark.parametrize("curvature", [[], ["quantizer.learn_curvature=true", "quantizer.curvature_keeps_scale=true"]])
-def test_model_file_round_trip(tmp_path, curvature):
+@pytest.mark.parametrize("learned", [False, True])
+def test_model_file_round_trip(tmp_path, learned):
+    flag = str(learned).lower()
+    curvature = [f"quantizer.learn_curvature={flag}", f"quantizer.curvature_keeps_scale={flag}"]
     cfg = _cfg(tmp_path, "train.epochs=1", *curvature)
     clean, views, _ = _blobs()
     trainer = _trainer(cfg)
@@ -225,8 +227,8 @@ def test_model_file_round_trip(tmp_path, curvature):
     loaded = load_model(tmp_path)
     model = loaded.model
     assert loaded.provenance["config"] == cfg.to_dict() and loaded.backbone is None
-    assert model.quantizer.keep_scale == bool(curvature)
-    if curvature:  # the learned c travels with the file (it sets the clip radius too)
+    assert model.quantizer.keep_scale == learned
+    if learned:  # the learned c travels with the file (it sets the clip radius too)
         torch.testing.assert_close(model.quantizer.curvature, trainer.model.quantizer.curvature)
     np.testing.assert_array_equal(embed(model, clean), embed(trainer.model, clean))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
