@@ -610,6 +610,20 @@ def test_keep_scale_passes_curvature_gradients_through_the_radius():
         torch.testing.assert_close(grad[m], numeric, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("clip_r", [5.0, 30.0, 500.0])
+def test_keep_scale_radius_stays_finite_for_large_radii(clip_r):
+    """Where cosh would overflow the radius comes from its asymptote: finite, = clip_r at c = 1, smaller for c > 1."""
+    radii = []
+    for c in (0.5, 1.0, 9.0):
+        q = ProductQuantizer(M, K, D, curvature=c, clip_r=clip_r, keep_scale=True, learn_curvature=False)
+        for dtype in (torch.float32, torch.float64):
+            r = q.clip_radius(1, dtype=dtype)
+            assert torch.isfinite(r).all() and (r > 0).all(), (c, dtype, r)
+        radii.append(float(q.clip_radius(1, dtype=torch.float64)[0]))
+    assert radii[0] > radii[1] > radii[2]
+    assert radii[1] == pytest.approx(clip_r, rel=1e-6)
+
+
 def test_keep_scale_needs_a_clip_radius_and_means_nothing_in_flat_geometries():
     with pytest.raises(ValueError, match="keep_scale needs a clip radius"):
         ProductQuantizer(M, K, D, clip_r=None, keep_scale=True)

@@ -74,9 +74,9 @@ class QuantizerConfig:
     geometry: str = "lorentz"  # lorentz | euclidean | cosine (MeCoQ-style: unit sub-vectors, cosine scores)
     tau: float = 0.2  # soft-assignment temperature (divides; the authors' softmax_temp is 1 / tau)
     curvature: float = 1.0
-    # Fixed by default, unlike the paper: a larger c lengthens every distance on the clip sphere, which lowers the
-    # contrastive losses like a lower temperature, so a learned c climbs to 7-9 and the codes get worse (README: "The
-    # learned curvature"; bench/curvature_probe.py).
+    # Fixed by default (the 16-bit cifar10-ii configs learn it, keeping the scale), unlike the paper: a larger c
+    # lengthens every distance on the clip sphere, which lowers the contrastive losses like a lower temperature, so a
+    # learned c climbs to 7-9 and the codes get worse (README: "The learned curvature"; bench/curvature_probe.py).
     learn_curvature: bool = False
     curvature_min: float = 0.01
     curvature_max: float = 10.0

@@ -225,8 +225,13 @@ class ProductQuantizer(nn.Module):
         if self.clip_r is None or not self.keep_scale:
             return self.clip_r
         sc = self._c(*trailing, dtype=torch.promote_types(dtype, torch.float32)).sqrt()
-        rho = math.acosh(math.cosh(self.clip_r) ** 2)
-        return (torch.acosh(torch.cosh(sc * rho).sqrt()) / sc).to(dtype)
+        # rho = arcosh(cosh(r)^2) and arcosh(sqrt(cosh(x))), both by their asymptotes where cosh would overflow
+        # (the error there is below e^-40).
+        r = self.clip_r
+        rho = math.acosh(math.cosh(r) ** 2) if r < 20 else 2 * r - math.log(2)
+        x = sc * rho
+        exact = torch.acosh(torch.cosh(x.clamp_max(40.0)).sqrt())
+        return (torch.where(x < 40.0, exact, 0.5 * x + 0.5 * math.log(2)) / sc).to(dtype)
 
     def _clip(self, v: torch.Tensor, radius: float | torch.Tensor | None) -> torch.Tensor:
         """v * min(1, radius / |v|) along the last axis; exact below the radius, differentiable everywhere."""
