@@ -42,6 +42,10 @@ AUTHORS = {
 }
 
 
+# c fixed at 1, as the configs held it when both studies ran (the 16-bit configs learn it since the model study).
+FIXED_C = ["quantizer.learn_curvature=false", "quantizer.curvature_keeps_scale=false"]
+
+
 def default_candidates(bits: int) -> dict[str, list[str]]:
     """Named override sets per bit length, each on top of the authors' values. M = bits / 8 (K = 256)."""
     m = bits // 8
@@ -59,7 +63,7 @@ def default_candidates(bits: int) -> dict[str, list[str]]:
             "tau_qc=0.05M": [f"loss.tau_qc={0.05 * m:g}"],
             "tau=0.2,clip=0.8,tau_qc=0.1M": ["quantizer.tau=0.2", "quantizer.clip_r=0.8", f"loss.tau_qc={0.1 * m:g}"],
         }
-    return {name: [*AUTHORS[bits], *over] for name, over in cands.items()}
+    return {name: [*AUTHORS[bits], *FIXED_C, *over] for name, over in cands.items()}
 
 
 def model_candidates(bits: int) -> dict[str, list[str]]:
@@ -68,7 +72,7 @@ def model_candidates(bits: int) -> dict[str, list[str]]:
     c (keeps the distance scale); the paper's linear projector; codebooks from k-means after the warm-up; and a
     softer contrastive temperature."""
     learned = "quantizer.learn_curvature=true"
-    return {
+    cands = {
         "defaults (c=1, mlp)": [],
         # the defaults study's best tau_qc sat at the edge of its grid at every bit length: one step further
         "tau_qc=0.2M": [f"loss.tau_qc={0.2 * (bits // 8):g}"],
@@ -78,6 +82,7 @@ def model_candidates(bits: int) -> dict[str, list[str]]:
         "linear projector": ["projector.kind=linear"],
         "codebooks from data": ["quantizer.init_from_data=true"],
     }
+    return {name: [*FIXED_C, *over] for name, over in cands.items()}
 
 
 STUDIES = {"defaults": default_candidates, "model": model_candidates}
