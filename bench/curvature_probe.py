@@ -1,6 +1,6 @@
 """Why a learned curvature climbs: which loss term pulls c up, and what c does to each term.
 
-    PYTHONPATH=src python bench/curvature_probe.py --data ../shared/data -o backbone.resolution=224
+    PYTHONPATH=src python bench/curvature_probe.py --data ../shared/data
 
 Trains the full model with ``quantizer.learn_curvature=true`` (then with c fixed at 1, then learned with
 ``quantizer.curvature_keeps_scale=true``) on the CIFAR-10 (II) training images alone (the
@@ -17,18 +17,18 @@ Record: bench/results/curvature_probe.json (per bit length: the trace, the lands
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from defaults_study import FIXED_C  # same folder: c = 1 spelt out, whatever the config of a bit length says
 from hihpq.benchmark import evaluate_learned
 from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import load_config
 from hihpq.data.prepare import prepare_features, resolve_levels
-from hihpq.losses import instance_loss, prototype_loss, quantized_contrastive_loss
+from hihpq.losses import HiHPQLoss
 from hihpq.runinfo import run_record, seed_everything, write_json
 from hihpq.train import Trainer
 
@@ -37,56 +37,30 @@ FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 KEYS = ("epoch", "loss", "aug", "prot", "ins", "quant_error", "curvature")  # kept per epoch
 
 
-def loss_terms(loss, q, qs, prototypes, assignments, positives) -> dict[str, torch.Tensor]:
-    """The three terms of the objective with their graphs (HiHPQLoss returns them detached)."""
-    d = q.pairwise_distance
-    terms = {"aug": quantized_contrastive_loss(qs[0], qs[1], distance=d, tau=loss.tau)}
-    if prototypes is not None and loss.lambda1 > 0:
-        terms["prot"] = prototype_loss(qs[0], prototypes, assignments, distance=d, tau=loss.tau_hierarchy)
-    if positives and loss.lambda2 > 0:
-        terms["ins"] = instance_loss(
-            qs[0], positives, distance=d, tau=loss.tau_hierarchy, denominator=loss.instance_denominator
-        )
-    return terms
+class ProbedLoss:
+    """The trainer's loss, which first records d(term)/d(log c) of each term on every ``every``-th training step
+    (before the step is taken); everything else is the wrapped HiHPQLoss's. Set ``trainer`` before fitting."""
 
+    def __init__(self, loss: HiHPQLoss, quantizer, every: int):
+        self.loss, self.q, self.every = loss, quantizer, every
+        self.trainer: Trainer | None = None
+        self.trace: list[dict] = []
 
-class ProbedTrainer(Trainer):
-    """The trainer, with d(term)/d(log c) measured on every ``every``-th step before the step is taken."""
+    def __getattr__(self, name):  # lambda1, lambda2, ... as the trainer reads them
+        return getattr(self.loss, name)
 
-    def __init__(self, *args, every: int = 10, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.every, self.trace = every, []
-        self.inner_loss = inner = self.loss
-
-        def probed(q1, q2, *, distance, prototypes=None, assignments=None, positives=None):
-            if self.step % self.every == 0:
-                self._probe([q1, q2], prototypes, assignments, positives)
-            return inner(q1, q2, distance=distance, prototypes=prototypes, assignments=assignments, positives=positives)
-
-        probed.lambda1, probed.lambda2 = inner.lambda1, inner.lambda2
-        self.loss = probed
-
-    def _probe(self, qs, prototypes, assignments, positives) -> None:
-        q = self.model.quantizer
-        raw = q.curvature_raw
-        (dlogc_draw,) = torch.autograd.grad(q.curvature.log().sum(), raw)  # diagonal: elementwise
-        row = {"epoch": self.epoch + 1, "step": self.step, "c": q.curvature.detach().mean().item()}
-        for name, term in loss_terms(self.inner_loss, q, qs, prototypes, assignments, positives).items():
-            (g,) = torch.autograd.grad(term, raw, retain_graph=True, allow_unused=True)
-            row[f"d_{name}"] = 0.0 if g is None else (g / dlogc_draw).mean().item()
-            row[name] = term.item()
-        self.trace.append(row)
-
-
-def set_curvature(q, c: torch.Tensor) -> None:
-    """Put the curvatures c (M,) into the quantizer's parameterisation (bounded sigmoid or clamped)."""
-    with torch.no_grad():
-        if q.curvature_param == "clamped":
-            q.curvature_raw.copy_(c)
-            return
-        lo, hi = q.curvature_bounds
-        frac = ((c.log() - math.log(lo)) / (math.log(hi) - math.log(lo))).clamp(1e-6, 1 - 1e-6)
-        q.curvature_raw.copy_(torch.log(frac / (1 - frac)))
+    def __call__(self, q1, q2, **kw):
+        step = self.trainer.step
+        if step % self.every == 0:
+            raw = self.q.curvature_raw
+            (dlogc_draw,) = torch.autograd.grad(self.q.curvature.log().sum(), raw)  # diagonal: elementwise
+            row = {"epoch": self.trainer.epoch + 1, "step": step, "c": self.q.curvature.detach().mean().item()}
+            for name, term in self.loss.terms(q1, q2, **kw).items():
+                (g,) = torch.autograd.grad(term, raw, retain_graph=True, allow_unused=True)
+                row[f"d_{name}"] = 0.0 if g is None else (g / dlogc_draw).mean().item()
+                row[name] = term.item()
+            self.trace.append(row)
+        return self.loss(q1, q2, **kw)
 
 
 @torch.no_grad()
@@ -101,30 +75,29 @@ def landscape(model, loss, source, hierarchy, n_batches: int, batch: int, seed: 
         x1, x2 = source.pair(idx, rng)
         pos = [source.one(p, rng) for p in hierarchy.positives(idx, rng)] if hierarchy else []
         batches.append((idx, x1, x2, pos))
+    z = [[model.project(x) for x in (x1, x2, *pos)] for _, x1, x2, pos in batches]  # c does not change them
     c0 = q.curvature.detach().clone()
     lo, hi = q.curvature_bounds
     rows = []
     for f in FACTORS:
-        set_curvature(q, (c0 * f).clamp(lo * (1 + 1e-6), hi * (1 - 1e-6)))
+        q.set_curvature_((c0 * f).clamp(lo * (1 + 1e-6), hi * (1 - 1e-6)))
+        protos = [q.embed(p) for p in hierarchy.prototypes] if hierarchy is not None else None
         sums: dict[str, float] = {}
-        for idx, x1, x2, pos in batches:
-            qs = [q(model.project(x)).h_soft for x in (x1, x2)]
-            protos = assign = None
-            if hierarchy is not None:
-                protos = [q.embed(p) for p in hierarchy.prototypes]
-                assign = [torch.from_numpy(a[idx]) for a in hierarchy.labels]
-            positives = [q(model.project(x)).h_soft for x in pos]
-            terms = loss_terms(loss, q, qs, protos, assign, positives)
-            d = q.pairwise_distance(qs[0], qs[1])
+        for (idx, *_), zs in zip(batches, z, strict=True):
+            outs = [q(zi) for zi in zs]
+            assign = [torch.from_numpy(a[idx]) for a in hierarchy.labels] if hierarchy is not None else None
+            terms = loss.terms(outs[0].h_soft, outs[1].h_soft, distance=q.pairwise_distance, prototypes=protos,
+                               assignments=assign, positives=[o.h_soft for o in outs[2:]] or None)  # fmt: skip
+            d = q.pairwise_distance(outs[0].h_soft, outs[1].h_soft)
             eye = torch.eye(len(idx), dtype=torch.bool)
             vals = {k: v.item() for k, v in terms.items()}
             vals.update(d_pos=d[eye].mean().item(), d_neg=d[~eye].mean().item(),
-                        quant_error=q.quantization_error(q.embed(model.project(x1))).item())  # fmt: skip
+                        quant_error=q.quantization_error(outs[0].h).item())  # fmt: skip
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v / n_batches
         sums["neg_over_pos"] = sums["d_neg"] / sums["d_pos"]  # relative separation, what a ranking sees
         rows.append({"factor": f, "c": q.curvature.mean().item(), **{k: round(v, 5) for k, v in sums.items()}})
-    set_curvature(q, c0)
+    q.set_curvature_(c0)
     return rows
 
 
@@ -135,7 +108,8 @@ def run(cfg, prep, every: int) -> dict:
     # A fixed c is a buffer outside the optimiser; tracking it gives the pull it feels without moving it.
     model.quantizer.curvature_raw.requires_grad_(True)
     loss = build_loss(cfg)
-    trainer = ProbedTrainer(model, loss, train_settings(cfg, progress=False), every=every)
+    probed = ProbedLoss(loss, model.quantizer, every)
+    probed.trainer = trainer = Trainer(model, probed, train_settings(cfg, progress=False))
     t0 = time.perf_counter()
     source = prep.train_source()
     history = trainer.fit(source)
@@ -144,7 +118,7 @@ def run(cfg, prep, every: int) -> dict:
     return {
         "map": round(float(scores[f"map_at_{cfg.eval.topk}"]), 6),
         "final_c": history[-1]["curvature"],
-        "trace": trainer.trace,
+        "trace": probed.trace,
         "epochs": [{k: h[k] for k in KEYS} for h in history],
         "landscape": land,
         "wall_s": round(time.perf_counter() - t0, 1),
@@ -166,7 +140,7 @@ def main() -> None:
     for bits in args.bits:
         learned = "quantizer.learn_curvature=true"
         keeps = "quantizer.curvature_keeps_scale=true"
-        runs = (("learned", [learned]), ("fixed", []), ("keeps-scale", [learned, keeps]))
+        runs = (("learned", [*FIXED_C, learned]), ("fixed", FIXED_C), ("keeps-scale", [*FIXED_C, learned, keeps]))
         for name, extra in runs:
             cfg = load_config(f"cifar10-ii-{bits}", [*over, *extra, f"seed={args.seed}"])
             res = run(cfg, prep, args.every)

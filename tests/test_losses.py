@@ -309,6 +309,12 @@ def test_hihpq_loss_combines_parts():
     torch.testing.assert_close(parts["ins"], ins)
     assert not any(p.requires_grad for p in parts.values())
     assert total.requires_grad
+    # The unweighted terms with their graphs (what bench/curvature_probe.py differentiates one by one).
+    terms = loss.terms(x1, x2, distance=d, prototypes=protos, assignments=assign, positives=positives)
+    assert list(terms) == ["aug", "prot", "ins"] and all(t.requires_grad for t in terms.values())
+    for name, ref in (("aug", aug), ("prot", prot), ("ins", ins)):
+        torch.testing.assert_close(terms[name], ref)
+    assert list(loss.terms(x1, x2, distance=d)) == ["aug"]  # warm-up: no hierarchy given
 
     # A separate temperature for the hierarchy losses; a distance given at construction.
     loss2 = HiHPQLoss(tau=0.3, lambda1=2.0, lambda2=0.5, tau_hierarchy=0.7, distance=d)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,6 +280,24 @@ def test_curvature_initialised_exactly_and_learnable():
     q_e = ProductQuantizer(4, 8, 6, geometry="euclidean")
     torch.testing.assert_close(q_e.curvature, torch.ones(4))
     assert q_e.no_weight_decay_parameters() == [] and not q_e.learn_curvature
+
+
+@pytest.mark.parametrize("param", ["bounded", "clamped"])
+@pytest.mark.parametrize("learn", [True, False])
+def test_set_curvature_round_trips_through_the_parameterisation(param, learn):
+    q = ProductQuantizer(3, 8, 6, curvature=1.0, curvature_bounds=(0.1, 20.0), curvature_param=param,
+                         learn_curvature=learn)  # fmt: skip
+    target = torch.tensor([0.2, 3.0, 19.5])
+    q.set_curvature_(target)
+    torch.testing.assert_close(q.curvature, target, rtol=1e-5, atol=0)
+    q.set_curvature_(2.5)  # one value for every subspace
+    torch.testing.assert_close(q.curvature, torch.full((3,), 2.5), rtol=1e-5, atol=0)
+    for bad in (0.1, 25.0, [1.0, 1.0, -1.0]):
+        with pytest.raises(ValueError, match="strictly inside curvature_bounds"):
+            q.set_curvature_(bad)
+    torch.testing.assert_close(q.curvature, torch.full((3,), 2.5), rtol=1e-5, atol=0)  # refused: unchanged
+    with pytest.raises(ValueError, match="no curvature"):
+        ProductQuantizer(3, 8, 6, geometry="euclidean").set_curvature_(1.0)
 
 
 @pytest.mark.parametrize("direction", [1.0, -1.0])
@@ -573,7 +592,11 @@ def test_keep_scale_holds_the_distance_of_orthogonal_points_and_changes_the_shap
     r = q.clip_radius(1, dtype=torch.float64).squeeze(-1)
     # every embedding lies at distance r(c) from the origin; antipodal points 2 r(c) apart (shrinks as c grows)
     torch.testing.assert_close(lorentz.dist(a, anti, c=q.curvature[:, None]), 2 * r[None])
-    assert (r < r0).all() if c > 1 else (r > r0).all() if c < 1 else torch.allclose(r, torch.full_like(r, r0))
+    # a larger c shrinks the ball (its far pairs shorten) while the orthogonal ones stay put; c = 1 keeps clip_r
+    if c == 1.0:
+        torch.testing.assert_close(r, torch.full_like(r, r0))
+    else:
+        torch.testing.assert_close(torch.sign(r0 - r), torch.full_like(r, float(np.sign(c - 1))), rtol=0, atol=0)
 
 
 def test_keep_scale_is_the_same_model_at_c_1_and_differs_elsewhere():

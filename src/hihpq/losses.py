@@ -248,7 +248,16 @@ class HiHPQLoss:
         self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
         self.distance = None if distance is None else _check_distance(distance)
 
-    def __call__(
+    def __call__(self, q1: torch.Tensor, q2: torch.Tensor, **inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of :meth:`terms` (same arguments). Returns (total, {"aug", "prot", "ins"}), the parts
+        detached (0 where a part is off)."""
+        terms = self.terms(q1, q2, **inputs)
+        weights = {"aug": 1.0, "prot": self.lambda1, "ins": self.lambda2}
+        total = sum(weights[k] * v for k, v in terms.items())
+        zero = terms["aug"].new_zeros(())
+        return total, {k: terms[k].detach() if k in terms else zero for k in weights}
+
+    def terms(
         self,
         q1: torch.Tensor,
         q2: torch.Tensor,
@@ -257,30 +266,26 @@ class HiHPQLoss:
         prototypes: Sequence[torch.Tensor] | None = None,
         assignments: Sequence[torch.Tensor] | None = None,
         positives: Sequence[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """q1, q2 (B, ...): quantized embeddings of the two views. prototypes/assignments: per level, for
-        L_prot (both or neither). positives: per level (B, ...), for L_ins.
-        Returns (total, {"aug", "prot", "ins"}), the parts detached (0 where a part is off)."""
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted terms that are on, with their graphs: "aug" always, "prot" when lambda1 > 0 and
+        prototypes are given, "ins" when lambda2 > 0 and positives are given.
+
+        q1, q2 (B, ...): quantized embeddings of the two views. distance: overrides the constructor's.
+        prototypes/assignments: per level, for L_prot (both or neither). positives: per level (B, ...), for L_ins.
+        """
         distance = distance if distance is not None else self.distance
         if distance is None:
             raise ValueError("no distance: pass distance= to HiHPQLoss(...) or to the call")
         if (prototypes is None) != (assignments is None):
             raise ValueError("prototypes and assignments must be given together (or both left out)")
-        aug = quantized_contrastive_loss(q1, q2, distance=distance, tau=self.tau)
-        total = aug
-        zero = aug.new_zeros(())
-        parts = {"aug": aug.detach(), "prot": zero, "ins": zero}
+        terms = {"aug": quantized_contrastive_loss(q1, q2, distance=distance, tau=self.tau)}
         if self.lambda1 > 0 and prototypes is not None:
-            prot = prototype_loss(q1, prototypes, assignments, distance=distance, tau=self.tau_hierarchy)
-            total = total + self.lambda1 * prot
-            parts["prot"] = prot.detach()
+            terms["prot"] = prototype_loss(q1, prototypes, assignments, distance=distance, tau=self.tau_hierarchy)
         if self.lambda2 > 0 and positives is not None:
-            ins = instance_loss(
+            terms["ins"] = instance_loss(
                 q1, positives, distance=distance, tau=self.tau_hierarchy, denominator=self.instance_denominator
             )
-            total = total + self.lambda2 * ins
-            parts["ins"] = ins.detach()
-        return total, parts
+        return terms
 
     def __repr__(self) -> str:
         return (

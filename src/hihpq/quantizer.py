@@ -158,12 +158,7 @@ class ProductQuantizer(nn.Module):
                     f"initial curvature {curvature} must lie strictly inside curvature_bounds ({lo}, {hi}): "
                     "the bounded parameterisation reaches the bounds only at infinity"
                 )
-            if curvature_param == "clamped":
-                raw = torch.full((M,), curvature)
-            else:
-                # Inverse of c = exp(log lo + span * sigmoid(raw)), so that c starts at `curvature` (to rounding).
-                frac = (math.log(curvature) - math.log(lo)) / (math.log(hi) - math.log(lo))
-                raw = torch.full((M,), math.log(frac / (1.0 - frac)))
+            raw = torch.full((M,), self._raw_of(curvature))
             if self.learn_curvature:
                 self.curvature_raw = nn.Parameter(raw)
             else:
@@ -196,6 +191,26 @@ class ProductQuantizer(nn.Module):
         c = torch.exp(math.log(lo) + span * torch.sigmoid(self.curvature_raw))
         # A saturated sigmoid gives exp(log hi), which can round one ulp past hi; the clamp only trims that.
         return c.clamp(lo, hi)
+
+    def _raw_of(self, c: float) -> float:
+        """The raw parameter that gives curvature c: c itself ("clamped"), or the inverse of
+        c = exp(log lo + span * sigmoid(raw)) ("bounded"; c strictly inside the bounds)."""
+        if self.curvature_param == "clamped":
+            return c
+        lo, hi = self.curvature_bounds
+        frac = (math.log(c) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return math.log(frac / (1.0 - frac))
+
+    @torch.no_grad()
+    def set_curvature_(self, c) -> None:
+        """Set the Lorentz curvatures to c (a number, or one per subspace), each strictly inside the bounds."""
+        if self.geometry != "lorentz":
+            raise ValueError(f"a {self.geometry} quantizer has no curvature to set")
+        values = torch.as_tensor(c, dtype=torch.float64).expand(self.n_subspaces).tolist()
+        lo, hi = self.curvature_bounds
+        if not all(lo < v < hi for v in values):
+            raise ValueError(f"curvatures {values} must lie strictly inside curvature_bounds ({lo}, {hi})")
+        self.curvature_raw.copy_(torch.tensor([self._raw_of(v) for v in values]))
 
     def no_weight_decay_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimiser must not decay: the bounded raw curvature (decay would pull c towards the
