@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defaults_study import FIXED_C  # same folder: c = 1 spelt out, whatever the config of a bit length says
+from defaults_study import FIXED_C, NO_DROPOUT  # same folder: c = 1 and no dropout spelt out, as it ran
 from hihpq.benchmark import evaluate_learned
 from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import load_config
@@ -140,7 +140,8 @@ def main() -> None:
     for bits in args.bits:
         learned = "quantizer.learn_curvature=true"
         keeps = "quantizer.curvature_keeps_scale=true"
-        runs = (("learned", [*FIXED_C, learned]), ("fixed", FIXED_C), ("keeps-scale", [*FIXED_C, learned, keeps]))
+        base = [*FIXED_C, *NO_DROPOUT]
+        runs = (("learned", [*base, learned]), ("fixed", base), ("keeps-scale", [*base, learned, keeps]))
         for name, extra in runs:
             cfg = load_config(f"cifar10-ii-{bits}", [*over, *extra, f"seed={args.seed}"])
             res = run(cfg, prep, args.every)

@@ -258,7 +258,26 @@ def test_projector_shapes_and_gradients(kind):
         assert isinstance(proj.net, nn.Linear)
 
 
+def test_projector_dropout_perturbs_training_only():
+    """dropout zeroes backbone features in training (a fresh perturbation per step), is the identity in eval mode
+    (the same outputs as without it, same weights), and adds no parameters."""
+    torch.manual_seed(0)
+    plain, drop = Projector(20, 8, kind="linear"), Projector(20, 8, kind="linear", dropout=0.5)
+    assert drop.state_dict().keys() == plain.state_dict().keys()
+    drop.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 20)
+    drop.eval()
+    torch.testing.assert_close(drop(x), plain(x))
+    drop.train()
+    a, b = drop(x), drop(x)
+    assert not torch.allclose(a, plain(x)) and not torch.allclose(a, b)
+    assert "dropout=0.5" in repr(drop) and "dropout" not in repr(plain)
+
+
 def test_projector_validation():
+    for bad in (-0.1, 1.0, True, "0.2"):
+        with pytest.raises(ValueError, match="dropout"):
+            Projector(4, 2, dropout=bad)
     with pytest.raises(ValueError, match="kind"):
         Projector(4, 2, kind="conv")
     with pytest.raises(ValueError, match="hidden"):

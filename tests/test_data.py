@@ -479,3 +479,13 @@ def test_validation_fold_uses_training_images_only():
     assert not np.array_equal(prep.validation_fold(10, seed=4).split.query, q)
     with pytest.raises(ValueError, match="n_query"):
         prep.validation_fold(49)
+
+    # n_fit: the training set is part of the database only, the rest of it never trained on
+    held = prep.validation_fold(10, seed=3, n_fit=15)
+    assert np.array_equal(held.split.query, q) and np.array_equal(held.split.database, db)
+    assert len(held.split.train) == 15 and set(held.split.train) < set(db)
+    assert np.array_equal(held.views[:, 0, 0].astype(int), held.split.train)
+    assert held.split.params["n_train"] == 15 and held.split.params["n_database"] == 39
+    for bad in (0, 40):
+        with pytest.raises(ValueError, match="n_fit"):
+            prep.validation_fold(10, seed=3, n_fit=bad)

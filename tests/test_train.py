@@ -219,7 +219,8 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 def test_model_file_round_trip(tmp_path, learned):
     flag = str(learned).lower()
     curvature = [f"quantizer.learn_curvature={flag}", f"quantizer.curvature_keeps_scale={flag}"]
-    cfg = _cfg(tmp_path, "train.epochs=1", *curvature)
+    dropout = [f"projector.dropout={0.3 if learned else 0}"]
+    cfg = _cfg(tmp_path, "train.epochs=1", *curvature, *dropout)
     clean, views, _ = _blobs()
     trainer = _trainer(cfg)
     trainer.fit(CachedViews(views, clean))
@@ -228,6 +229,7 @@ def test_model_file_round_trip(tmp_path, learned):
     model = loaded.model
     assert loaded.provenance["config"] == cfg.to_dict() and loaded.backbone is None
     assert model.quantizer.keep_scale == learned
+    assert model.projector.dropout == (0.3 if learned else 0.0)  # an architecture argument, kept with the file
     if learned:  # the learned c travels with the file (it sets the clip radius too)
         torch.testing.assert_close(model.quantizer.curvature, trainer.model.quantizer.curvature)
     np.testing.assert_array_equal(embed(model, clean), embed(trainer.model, clean))

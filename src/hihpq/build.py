@@ -40,7 +40,9 @@ def build_model(cfg: Config, in_dim: int, backbone: torch.nn.Module | None = Non
     """Projector + quantizer (and the backbone when training end to end)."""
     torch.manual_seed(cfg.seed)
     hidden = cfg.projector.hidden if cfg.projector.kind == "mlp" else None
-    projector = Projector(in_dim, cfg.quantizer.feature_dim, kind=cfg.projector.kind, hidden=hidden)
+    projector = Projector(
+        in_dim, cfg.quantizer.feature_dim, kind=cfg.projector.kind, hidden=hidden, dropout=cfg.projector.dropout
+    )
     return HiHPQ(projector, build_quantizer(cfg), backbone=backbone)
 
 

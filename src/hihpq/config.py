@@ -64,6 +64,9 @@ class FeaturesConfig:
 class ProjectorConfig:
     kind: str = "mlp"  # linear | mlp
     hidden: int = 1024
+    # of the backbone features, in training only: 0.2 generalises beyond the training images (README: "Held-out
+    # tuning sets"; bench/defaults_study.py --study generalisation); 0 is the paper's head
+    dropout: float = 0.2
 
 
 @dataclass
@@ -325,6 +328,7 @@ SCHEMA: dict[str, Spec] = {
     "features.seed": _int(0),
     "projector.kind": _str("linear", "mlp"),
     "projector.hidden": _int(1),
+    "projector.dropout": _float(0, 1, hi_open=True),
     "quantizer.bits": _int(1, 4096),
     "quantizer.n_codewords": _int(2, 256),  # codes are stored as uint8
     "quantizer.feature_dim": _int(2),

@@ -199,29 +199,32 @@ class PreparedFeatures:
     def database(self) -> np.ndarray:
         return self.clean_of(self.split.database)
 
-    def validation_fold(self, n_query: int, seed: int = 0) -> PreparedFeatures:
+    def validation_fold(self, n_query: int, seed: int = 0, n_fit: int | None = None) -> PreparedFeatures:
         """A protocol made of training images only, for choosing settings without touching the test queries.
 
-        ``n_query`` seeded training images become the queries; the other training images are both the database
-        and the training set (their cached views follow). Unreadable training images are left out.
+        ``n_query`` seeded training images become the queries and the other training images the database. The
+        training set is the whole database (default), or ``n_fit`` of its images, so that part of the database
+        was never trained on, as in the benchmark protocols (where 90% of the database is unseen): a fold
+        whose database is its training set rewards settings that memorise the training images.
+        Unreadable training images are left out.
         """
         from hihpq.data import Split
 
         pos = np.arange(len(self.split.train)) if self.train_valid is None else np.flatnonzero(self.train_valid)
         if not 0 < n_query < len(pos):
             raise ValueError(f"n_query={n_query}: the validation fold needs 0 < n_query < {len(pos)} training images")
+        n_db = len(pos) - n_query
+        if n_fit is not None and not 0 < n_fit <= n_db:
+            raise ValueError(f"n_fit={n_fit}: the validation fold trains on 1 to {n_db} of its database images")
         perm = np.random.default_rng(seed).permutation(pos)
-        q_pos, fit_pos = np.sort(perm[:n_query]), np.sort(perm[n_query:])
+        q_pos, db_pos = np.sort(perm[:n_query]), np.sort(perm[n_query:])
+        fit_pos = db_pos if n_fit is None else np.sort(perm[n_query : n_query + n_fit])
         train = self.split.train
+        params = {"n_query": int(n_query), "n_database": len(db_pos), "n_train": len(fit_pos), "of": self.split.name}
         split = Split(
-            f"{self.split.name}-validation",
-            self.split.dataset,
-            train[q_pos],
-            train[fit_pos],
-            train[fit_pos],
-            seed=seed,
-            params={"n_query": int(n_query), "n_train": len(fit_pos), "of": self.split.name},
-        )
+            f"{self.split.name}-validation", self.split.dataset, train[q_pos], train[db_pos], train[fit_pos],
+            seed=seed, params=params,
+        )  # fmt: skip
         return PreparedFeatures(split, self.clean, self.used, np.asarray(self.views[fit_pos]), 0, None, self.backbone)
 
     def train_source(self):

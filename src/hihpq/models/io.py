@@ -3,7 +3,7 @@
 A model file is a dict that ``torch.load(..., weights_only=True)`` reads:
 
 - ``format``: "hihpq-model/2".
-- ``projector``: the :class:`~hihpq.models.projector.Projector` arguments (in_dim, out_dim, kind, hidden).
+- ``projector``: the :class:`~hihpq.models.projector.Projector` arguments (in_dim, out_dim, kind, hidden, dropout).
 - ``quantizer``: the :class:`~hihpq.quantizer.ProductQuantizer` arguments (n_subspaces, n_codewords, subspace_dim,
   geometry, tau, curvature, learn_curvature, curvature_bounds, clip_r, curvature_param).
 - ``backbone``: None for a model on backbone features only, else name, resolution, mean, std, feature_dim,
@@ -72,7 +72,7 @@ def tensors_sha256(*states: dict[str, torch.Tensor]) -> str:
 
 # ------------------------------------------------------------------------------------------ component args
 def _projector_args(p: Projector) -> dict[str, Any]:
-    return {"in_dim": p.in_dim, "out_dim": p.out_dim, "kind": p.kind, "hidden": p.hidden}
+    return {"in_dim": p.in_dim, "out_dim": p.out_dim, "kind": p.kind, "hidden": p.hidden, "dropout": p.dropout}
 
 
 def _quantizer_args(q: ProductQuantizer) -> dict[str, Any]:

@@ -16,11 +16,16 @@ class Projector(nn.Module):
         out_dim: M * D, the quantizer input size.
         kind: "linear" (one Linear layer, as the paper) or "mlp" (Linear -> BatchNorm1d -> ReLU -> Linear).
         hidden: hidden width of the MLP (default ``min(in_dim, 1024)``); not allowed for "linear".
+        dropout: probability of zeroing each backbone feature in training (0: none). A frozen backbone trains
+            from a few cached views per image; dropping features is a fresh perturbation at every step, which
+            cached views cannot give (bench/defaults_study.py --study generalisation).
 
     Shapes: forward (B, in_dim) -> (B, out_dim).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden: int | None = None) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, kind: str = "linear", hidden: int | None = None, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         for arg, value in (("in_dim", in_dim), ("out_dim", out_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -29,12 +34,16 @@ class Projector(nn.Module):
             raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
         if kind == "linear" and hidden is not None:
             raise ValueError("hidden is only used with kind='mlp'")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if hidden is None:
             hidden = min(in_dim, 1024)
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"hidden must be a positive int, got {hidden!r}")
         self.in_dim, self.out_dim, self.kind = in_dim, out_dim, kind
         self.hidden = hidden if kind == "mlp" else None
+        self.dropout = float(dropout)
+        self.drop = nn.Dropout(self.dropout) if self.dropout else nn.Identity()  # no parameters: state dicts unchanged
         if kind == "linear":
             self.net: nn.Module = nn.Linear(in_dim, out_dim)
         else:
@@ -49,9 +58,11 @@ class Projector(nn.Module):
         """(B, in_dim) -> (B, out_dim)."""
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"Projector expects input of shape (B, {self.in_dim}), got {tuple(x.shape)}")
-        return self.net(x)
+        return self.net(self.drop(x))
 
     def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, kind={self.kind!r}" + (
-            f", hidden={self.hidden}" if self.hidden else ""
+        return (
+            f"in_dim={self.in_dim}, out_dim={self.out_dim}, kind={self.kind!r}"
+            + (f", hidden={self.hidden}" if self.hidden else "")
+            + (f", dropout={self.dropout:g}" if self.dropout else "")
         )
