@@ -33,7 +33,8 @@ def write_tiny_config(path: Path, images: Path, cache: Path, name: str, **sectio
         "backbone": {"resolution": 32},
         "features": {"batch_size": 32, "num_workers": 0, "cache_dir": str(cache)},
         "quantizer": {"bits": 8, "n_codewords": 16, "feature_dim": 8},
-        "projector": {"hidden": 64},
+        # no feature dropout: a few epochs on a few dozen images are too short to average its noise out
+        "projector": {"hidden": 64, "dropout": 0.0},
         "hierarchy": {"levels": [6, 3], "warmup_epochs": 1},
         "eval": {"topk": 20},
     }
@@ -59,6 +60,7 @@ def tiny_head_config(*overrides: str):
         "quantizer.bits=8",
         "quantizer.feature_dim=8",
         "projector.hidden=32",
+        "projector.dropout=0",  # as write_tiny_config: runs of seconds
         "train.batch_size=32",
         "hierarchy.levels=[8, 4]",
         "hierarchy.warmup_epochs=1",

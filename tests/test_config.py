@@ -39,6 +39,9 @@ def test_cifar_ii_defaults_follow_the_defaults_study(bits):
     assert cfg.hierarchy.levels == [100, 50, 25]
     # bench/results/model_study.json: a learned, scale-keeping curvature wins at 16 bits only
     assert cfg.quantizer.learn_curvature == cfg.quantizer.curvature_keeps_scale == (bits == 16)
+    # bench/results/generalisation_study.json: feature dropout 0.2 (held-out tuning sets), in every config
+    assert cfg.projector.dropout == pytest.approx(0.2)
+    assert all(load_config(name).projector.dropout == pytest.approx(0.2) for name in builtin_configs())
 
 
 def test_paper_setting_carries_authors_hyperparameters():

@@ -1,7 +1,8 @@
 """torchrun: 2 CPU processes on gloo train like 1 process with the same global batch, and resume after a kill.
 
 The runs go through ``python -m torch.distributed.run`` (torchrun) in subprocesses, on cached features of a
-generated colour folder (a linear projector: BatchNorm statistics are per process on CPU, see the README).
+generated colour folder (a linear projector: BatchNorm statistics are per process on CPU, see the README; no
+feature dropout: its masks are drawn per process).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def setup(tmp_path_factory):
         "tiny-ddp",
         data={"n_query": 12, "n_train": 48},
         features={"n_views": 2},
-        projector={"kind": "linear"},
+        projector={"kind": "linear", "dropout": 0.0},  # dropout masks are drawn per process: not bitwise equal
         train={"epochs": EPOCHS, "batch_size": 16, "lr": 0.005},
     )
     one = tmp / "one"

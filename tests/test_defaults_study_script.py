@@ -1,0 +1,47 @@
+"""bench/defaults_study.py: every study reruns as it ran, whatever the configs have become since."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hihpq.config import load_config
+from hihpq.data.prepare import PreparedFeatures
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "defaults_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("defaults_study_script", _SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", ["defaults", "model", "generalisation"])
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_candidates_pin_what_the_study_ran_with(study, name, bits):
+    """The studies ran before the dropout default (0.2): a candidate without a dropout of its own trains without
+    one; the defaults and model studies also fixed c = 1."""
+    for cand, overrides in study.STUDIES[name](bits).items():
+        over, _ = study.split_candidate(overrides, _prep())
+        cfg = load_config(f"cifar10-ii-{bits}", over)
+        expected = float(cand.split()[1]) if cand.startswith("dropout") else 0.0
+        assert cfg.projector.dropout == pytest.approx(expected), cand
+        if name != "generalisation" and "learned c" not in cand:
+            assert not cfg.quantizer.learn_curvature, cand
+
+
+def _prep() -> PreparedFeatures:
+    views = np.arange(3 * 8, dtype=np.float16).reshape(3, 8, 1)
+    return PreparedFeatures(None, np.zeros((3, 1), np.float16), np.arange(3), views, 0)
+
+
+def test_views_candidate_trains_on_the_first_cached_views(study):
+    over, prep = study.split_candidate(["projector.dropout=0", f"{study.VIEWS}4"], _prep())
+    assert over == ["projector.dropout=0"]
+    assert prep.views.shape == (3, 4, 1) and np.array_equal(prep.views[:, :, 0], _prep().views[:, :4, 0])
