@@ -118,7 +118,6 @@ def generalisation_candidates(bits: int) -> dict[str, list[str]]:
 
 
 STUDIES = {"defaults": default_candidates, "model": model_candidates, "generalisation": generalisation_candidates}
-DEFAULT_SETS = {"defaults": ["cifar-train", "fashion"], "model": ["cifar-train", "fashion"]}
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: a candidate's "study.views=N" trains on the first N cached views of each image (not a config field)
 VIEWS = "study.views="
@@ -135,14 +134,14 @@ def split_candidate(cand: list[str], prep):
 
 def tuning_sets(args, names: list[str]) -> dict[str, tuple[list[str], object]]:
     """name -> (overrides every run of the set gets, its PreparedFeatures)."""
-    sets = {}
+    sets, cifar = {}, None  # both CIFAR sets are folds of the same CIFAR-10 (II) features: read them once
     for name in names:
         if name.startswith("cifar"):
             if not args.data:
                 raise SystemExit(f"tuning set {name} needs --data (CIFAR-10)")
             over = [f"data.root={args.data}", *args.overrides]
-            prep = prepare_features(load_config("cifar10-ii-32", over))
-            sets[name] = (over, prep.validation_fold(1000, seed=0, n_fit=2000 if name == "cifar-half" else None))
+            cifar = cifar or prepare_features(load_config("cifar10-ii-32", over))
+            sets[name] = (over, cifar.validation_fold(1000, seed=0, n_fit=2000 if name == "cifar-half" else None))
         else:
             if not args.fashion:
                 raise SystemExit(f"tuning set {name} needs --fashion (the Fashion-MNIST folder)")
@@ -188,7 +187,8 @@ def main() -> None:
     records = json.loads(out.read_text()) if out.exists() else []
     if args.report:
         return summarise(records)
-    sets = tuning_sets(args, args.sets or DEFAULT_SETS.get(args.study, HELD_OUT_SETS))
+    default_sets = HELD_OUT_SETS if args.study == "generalisation" else ["cifar-train", "fashion"]
+    sets = tuning_sets(args, args.sets or default_sets)
     for bits in args.bits:
         if args.baselines:  # PCA+OPQ on the same tuning sets: the margin a default must win by
             for set_name, (over, prep) in sets.items():
