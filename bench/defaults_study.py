@@ -8,6 +8,8 @@
                         # (bench/results/model_study.json)
     ... --study generalisation   # regularisers of the head, on the held-out tuning sets below
                         # (bench/results/generalisation_study.json)
+    ... --study sharpness   # temperature, ball and batch re-chosen on the held-out sets, with the dropout
+                        # (bench/results/sharpness_study.json)
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -117,7 +119,40 @@ def generalisation_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*NO_DROPOUT, *over] for name, over in cands.items()}
 
 
-STUDIES = {"defaults": default_candidates, "model": model_candidates, "generalisation": generalisation_candidates}
+# The configs as the sharpness study started from them (dropout 0.2 everywhere; c learned, keeping its scale, at
+# 16 bits; tau / clip / tau_qc from the defaults study), pinned so that the study reruns the same way later.
+SHARPNESS_BASE = {
+    16: ["quantizer.tau=0.2", "quantizer.clip_r=0.8", "loss.tau_qc=0.2", "quantizer.learn_curvature=true"],
+    32: ["quantizer.tau=0.2", "quantizer.clip_r=0.8", "loss.tau_qc=0.4", "quantizer.learn_curvature=false"],
+    64: ["quantizer.tau=1", "quantizer.clip_r=1.5", "loss.tau_qc=0.8", "quantizer.learn_curvature=false"],
+}
+
+
+def sharpness_candidates(bits: int) -> dict[str, list[str]]:
+    """The settings the defaults study chose on tuning sets that rewarded memorising, re-examined on the held-out
+    sets with the dropout default: a softer or sharper contrastive temperature, the other bit lengths' ball (clip
+    radius and soft-assignment tau), twice the batch (more negatives per step)."""
+    tau_qc = float(SHARPNESS_BASE[bits][2].split("=")[1])
+    ball = ["quantizer.tau=0.2", "quantizer.clip_r=0.8"] if bits == 64 else ["quantizer.tau=1", "quantizer.clip_r=1.5"]
+    cands = {
+        "defaults (dropout 0.2)": [],
+        "tau_qc x2": [f"loss.tau_qc={2 * tau_qc:g}"],
+        "tau_qc x1.5": [f"loss.tau_qc={1.5 * tau_qc:g}"],
+        "tau_qc x0.75": [f"loss.tau_qc={0.75 * tau_qc:g}"],
+        "tau_qc x0.5": [f"loss.tau_qc={0.5 * tau_qc:g}"],
+        "other ball": ball,
+        "batch 256": ["train.batch_size=256"],
+    }
+    pinned = [*SHARPNESS_BASE[bits], "quantizer.curvature_keeps_scale=true", "projector.dropout=0.2"]
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
+STUDIES = {
+    "defaults": default_candidates,
+    "model": model_candidates,
+    "generalisation": generalisation_candidates,
+    "sharpness": sharpness_candidates,
+}
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: a candidate's "study.views=N" trains on the first N cached views of each image (not a config field)
 VIEWS = "study.views="
@@ -165,7 +200,7 @@ def main() -> None:
     ap.add_argument("--fashion", help="Fashion-MNIST image folder (bench/fashion_mnist.py)")
     ap.add_argument("--bits", nargs="+", type=int, default=[16, 32, 64])
     ap.add_argument("--only", nargs="+", help="candidate names to run (default all)")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, nargs="+", default=[1], help="one or more seeds (default 1)")
     ap.add_argument(
         "--baselines",
         action="store_true",
@@ -187,13 +222,13 @@ def main() -> None:
     records = json.loads(out.read_text()) if out.exists() else []
     if args.report:
         return summarise(records)
-    default_sets = HELD_OUT_SETS if args.study == "generalisation" else ["cifar-train", "fashion"]
+    default_sets = HELD_OUT_SETS if args.study in ("generalisation", "sharpness") else ["cifar-train", "fashion"]
     sets = tuning_sets(args, args.sets or default_sets)
-    for bits in args.bits:
+    for bits, seed in ((b, s) for b in args.bits for s in args.seed):
         if args.baselines:  # PCA+OPQ on the same tuning sets: the margin a default must win by
             for set_name, (over, prep) in sets.items():
                 cfg = load_config(f"cifar10-ii-{bits}", over)
-                scores = run_baseline("opq", bits, args.seed, prep, cfg.eval.topk)
+                scores = run_baseline("opq", bits, seed, prep, cfg.eval.topk)
                 value = float(scores[f"map_at_{cfg.eval.topk}"])
                 print(
                     f"{bits:>3} bits  {'PCA+OPQ (reference)':<30} {set_name:<12} mAP@{cfg.eval.topk} {100 * value:6.2f}"
@@ -201,7 +236,7 @@ def main() -> None:
                 records.append(
                     run_record(
                         None,
-                        args.seed,
+                        seed,
                         bits=bits,
                         candidate="pca+opq",
                         reference=True,
@@ -215,8 +250,13 @@ def main() -> None:
             if args.baselines or (args.only and name not in args.only):
                 continue
             for set_name, (over, prep) in sets.items():
+                if any(
+                    (r["bits"], r["candidate"], r["tuning_set"], r["seed"]) == (bits, name, set_name, seed)
+                    for r in records
+                ):
+                    continue  # measured already (a rerun of an interrupted study resumes)
                 cand_over, cand_prep = split_candidate(cand, prep)
-                cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand_over, f"seed={args.seed}"])
+                cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand_over, f"seed={seed}"])
                 scores = run_learned(cfg, cand_prep, progress=False)
                 value = float(scores[f"map_at_{cfg.eval.topk}"])
                 print(
@@ -227,7 +267,7 @@ def main() -> None:
                 records.append(
                     run_record(
                         cfg.to_dict(),
-                        args.seed,
+                        seed,
                         bits=bits,
                         candidate=name,
                         overrides=cand,

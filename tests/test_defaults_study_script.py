@@ -45,3 +45,19 @@ def test_views_candidate_trains_on_the_first_cached_views(study):
     over, prep = study.split_candidate(["projector.dropout=0", f"{study.VIEWS}4"], _prep())
     assert over == ["projector.dropout=0"]
     assert prep.views.shape == (3, 4, 1) and np.array_equal(prep.views[:, :, 0], _prep().views[:, :4, 0])
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_sharpness_candidates_start_from_the_configs_as_they_were(study, bits):
+    """The sharpness study pins the configs it started from (dropout 0.2, the defaults study's tau / clip /
+    tau_qc, c learned at 16 bits only) and changes one thing per candidate."""
+    cands = study.sharpness_candidates(bits)
+    base = load_config(f"cifar10-ii-{bits}", study.split_candidate(cands["defaults (dropout 0.2)"], _prep())[0])
+    assert base.projector.dropout == pytest.approx(0.2)
+    assert base.quantizer.learn_curvature == (bits == 16)
+    assert base.loss.tau_qc == pytest.approx(0.1 * bits / 8)
+    doubled = load_config(f"cifar10-ii-{bits}", cands["tau_qc x2"])
+    assert doubled.loss.tau_qc == pytest.approx(2 * base.loss.tau_qc)
+    ball = load_config(f"cifar10-ii-{bits}", cands["other ball"])
+    assert ball.quantizer.clip_r != base.quantizer.clip_r and ball.loss.tau_qc == base.loss.tau_qc
+    assert load_config(f"cifar10-ii-{bits}", cands["batch 256"]).train.batch_size == 2 * base.train.batch_size
