@@ -25,17 +25,19 @@ generalisation study therefore uses two held-out sets (``--sets``), and so may a
 - ``fashion-10pct``: Fashion-MNIST (split seed 7), 1,000 queries, 20,000 database, 2,000 of them the training
   set (10%, as the benchmark protocols).
 
-Every candidate (a named set of overrides per bit length) is trained once per tuning set with the built-in config
-of its bit length; the choice per bit length is the best mean over the two sets. The defaults study starts every
-candidate from the authors' values (AUTHORS), so that it reruns the same way now that the configs hold its
-winners; the model study starts from the configs with c fixed at 1 (FIXED_C; MLP projector, random codebooks).
-Records are appended to the study's file after every run, so an interrupted study keeps what it measured.
+Every candidate (a named set of overrides per bit length) is trained once per tuning set and seed with the
+built-in config of its bit length; the choice per bit length is the best mean over the two sets. The defaults
+study starts every candidate from the authors' values (AUTHORS), so that it reruns the same way now that the
+configs hold its winners; the model study starts from the configs with c fixed at 1 (FIXED_C; MLP projector,
+random codebooks). Records are appended to the study's file after every run, and a rerun skips the runs the file
+holds, so an interrupted study resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -119,31 +121,31 @@ def generalisation_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*NO_DROPOUT, *over] for name, over in cands.items()}
 
 
-# The configs as the sharpness study started from them (dropout 0.2 everywhere; c learned, keeping its scale, at
-# 16 bits; tau / clip / tau_qc from the defaults study), pinned so that the study reruns the same way later.
-SHARPNESS_BASE = {
-    16: ["quantizer.tau=0.2", "quantizer.clip_r=0.8", "loss.tau_qc=0.2", "quantizer.learn_curvature=true"],
-    32: ["quantizer.tau=0.2", "quantizer.clip_r=0.8", "loss.tau_qc=0.4", "quantizer.learn_curvature=false"],
-    64: ["quantizer.tau=1", "quantizer.clip_r=1.5", "loss.tau_qc=0.8", "quantizer.learn_curvature=false"],
-}
+# The two (soft-assignment tau, clip radius) balls of the configs: narrow at 16 and 32 bits, wide at 64.
+BALLS = {"narrow": ["quantizer.tau=0.2", "quantizer.clip_r=0.8"], "wide": ["quantizer.tau=1", "quantizer.clip_r=1.5"]}
 
 
 def sharpness_candidates(bits: int) -> dict[str, list[str]]:
     """The settings the defaults study chose on tuning sets that rewarded memorising, re-examined on the held-out
     sets with the dropout default: a softer or sharper contrastive temperature, the other bit lengths' ball (clip
-    radius and soft-assignment tau), twice the batch (more negatives per step)."""
-    tau_qc = float(SHARPNESS_BASE[bits][2].split("=")[1])
-    ball = ["quantizer.tau=0.2", "quantizer.clip_r=0.8"] if bits == 64 else ["quantizer.tau=1", "quantizer.clip_r=1.5"]
+    radius and soft-assignment tau), twice the batch (more negatives per step). Every candidate pins the configs
+    as the study started from them (tau_qc = 0.1 M, dropout 0.2, c learned keeping its scale at 16 bits only), so
+    that it reruns the same way later."""
+    tau_qc = 0.1 * (bits // 8)
+    ball, other = ("wide", "narrow") if bits == 64 else ("narrow", "wide")
+    pinned = [
+        *BALLS[ball],
+        f"loss.tau_qc={tau_qc:g}",
+        f"quantizer.learn_curvature={str(bits == 16).lower()}",
+        "quantizer.curvature_keeps_scale=true",
+        "projector.dropout=0.2",
+    ]
     cands = {
         "defaults (dropout 0.2)": [],
-        "tau_qc x2": [f"loss.tau_qc={2 * tau_qc:g}"],
-        "tau_qc x1.5": [f"loss.tau_qc={1.5 * tau_qc:g}"],
-        "tau_qc x0.75": [f"loss.tau_qc={0.75 * tau_qc:g}"],
-        "tau_qc x0.5": [f"loss.tau_qc={0.5 * tau_qc:g}"],
-        "other ball": ball,
+        **{f"tau_qc x{f:g}": [f"loss.tau_qc={f * tau_qc:g}"] for f in (2, 1.5, 0.75, 0.5)},
+        "other ball": BALLS[other],
         "batch 256": ["train.batch_size=256"],
     }
-    pinned = [*SHARPNESS_BASE[bits], "quantizer.curvature_keeps_scale=true", "projector.dropout=0.2"]
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
@@ -224,7 +226,8 @@ def main() -> None:
         return summarise(records)
     default_sets = HELD_OUT_SETS if args.study in ("generalisation", "sharpness") else ["cifar-train", "fashion"]
     sets = tuning_sets(args, args.sets or default_sets)
-    for bits, seed in ((b, s) for b in args.bits for s in args.seed):
+    done = {(r["bits"], r["candidate"], r["tuning_set"], r["seed"]) for r in records}  # a rerun resumes
+    for bits, seed in itertools.product(args.bits, args.seed):
         if args.baselines:  # PCA+OPQ on the same tuning sets: the margin a default must win by
             for set_name, (over, prep) in sets.items():
                 cfg = load_config(f"cifar10-ii-{bits}", over)
@@ -250,11 +253,8 @@ def main() -> None:
             if args.baselines or (args.only and name not in args.only):
                 continue
             for set_name, (over, prep) in sets.items():
-                if any(
-                    (r["bits"], r["candidate"], r["tuning_set"], r["seed"]) == (bits, name, set_name, seed)
-                    for r in records
-                ):
-                    continue  # measured already (a rerun of an interrupted study resumes)
+                if (bits, name, set_name, seed) in done:
+                    continue
                 cand_over, cand_prep = split_candidate(cand, prep)
                 cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand_over, f"seed={seed}"])
                 scores = run_learned(cfg, cand_prep, progress=False)

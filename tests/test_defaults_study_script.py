@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,11 @@ def test_sharpness_candidates_start_from_the_configs_as_they_were(study, bits):
     ball = load_config(f"cifar10-ii-{bits}", cands["other ball"])
     assert ball.quantizer.clip_r != base.quantizer.clip_r and ball.loss.tau_qc == base.loss.tau_qc
     assert load_config(f"cifar10-ii-{bits}", cands["batch 256"]).train.batch_size == 2 * base.train.batch_size
+
+
+def test_sharpness_candidates_are_what_the_recorded_study_ran(study):
+    """Every record of bench/results/sharpness_study.json was trained with the overrides its candidate gives now."""
+    records = json.loads((_SCRIPT.parent / "results" / "sharpness_study.json").read_text())
+    assert records
+    for r in records:
+        assert study.sharpness_candidates(r["bits"])[r["candidate"]] == r["overrides"], r["candidate"]
