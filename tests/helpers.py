@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import yaml
 from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """The module of ``bench/<name>.py`` (bench scripts are not a package), executed once per call."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 

@@ -8,8 +8,8 @@ from hihpq.config import ConfigError, builtin_configs, load_config, parse_overri
 def test_every_builtin_config_loads_and_validates():
     names = builtin_configs()
     # 12 paper settings + per bit width the 7 Table 2 variants and their 7 alternatives (L2 twin, lambda2 = 0.1)
-    # + photos + the second dataset of the defaults study (fashion-mnist-16/32/64).
-    assert len(names) == 12 + 3 * 7 + 3 * 7 + 1 + 3
+    # + photos + the second dataset of the defaults study (fashion-mnist-16/32/64) and its Full-Euclidean.
+    assert len(names) == 12 + 3 * 7 + 3 * 7 + 1 + 3 + 3
     for name in names:
         cfg = load_config(name)
         assert cfg.quantizer.n_subspaces * cfg.quantizer.subspace_dim == cfg.quantizer.feature_dim
@@ -27,6 +27,10 @@ def test_second_dataset_configs_share_the_cifar_settings(bits):
     assert fashion.data.dataset == "folder" and fashion.hierarchy.levels == []  # sizes from the training set
     assert (fashion.data.n_query, fashion.data.n_database, fashion.data.n_train) == (1000, 10000, 2000)
     assert fashion.quantizer == cifar.quantizer and fashion.loss == cifar.loss and fashion.train == cifar.train
+    cosine = load_config(f"fashion-mnist-{bits}-full-euclidean")
+    cifar_cosine = load_config(f"cifar10-ii-{bits}-full-euclidean")
+    assert cosine.quantizer.geometry == "cosine" and cosine.data == fashion.data
+    assert cosine.quantizer == cifar_cosine.quantizer and cosine.loss == cifar_cosine.loss
 
 
 @pytest.mark.parametrize("bits", [16, 32, 64])

@@ -459,7 +459,7 @@ def test_folder_protocol_database_size(tmp_path):
 def test_validation_fold_uses_training_images_only():
     """PreparedFeatures.validation_fold: queries, database and training set all come from the training images,
     queries never in the database, views follow the training rows they belong to."""
-    from hihpq.data.prepare import PreparedFeatures
+    from hihpq.data.prepare import PreparedFeatures, validation_split
 
     labels = np.arange(100) % 5
     ds = ArrayImageDataset(np.zeros((100, 4, 4, 3), np.uint8), labels)
@@ -489,3 +489,9 @@ def test_validation_fold_uses_training_images_only():
     for bad in (0, 40):
         with pytest.raises(ValueError, match="n_fit"):
             prep.validation_fold(10, seed=3, n_fit=bad)
+
+    # the same fold before any feature exists (to compute features for the fold's images only)
+    early, fit_pos = validation_split(split, 10, seed=3, n_fit=15, train_valid=valid)
+    for name in ("query", "database", "train"):
+        assert np.array_equal(getattr(early, name), getattr(held.split, name))
+    assert np.array_equal(split.train[fit_pos], held.split.train)

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import BENCH, load_bench_script
 from hihpq.config import load_config
 from hihpq.data.prepare import PreparedFeatures
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "defaults_study.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("defaults_study_script", _SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("defaults_study")
 
 
 @pytest.mark.parametrize("name", ["defaults", "model", "generalisation"])
@@ -66,7 +60,7 @@ def test_sharpness_candidates_start_from_the_configs_as_they_were(study, bits):
 
 def test_sharpness_candidates_are_what_the_recorded_study_ran(study):
     """Every record of bench/results/sharpness_study.json was trained with the overrides its candidate gives now."""
-    records = json.loads((_SCRIPT.parent / "results" / "sharpness_study.json").read_text())
+    records = json.loads((BENCH / "results" / "sharpness_study.json").read_text())
     assert records
     for r in records:
         assert study.sharpness_candidates(r["bits"])[r["candidate"]] == r["overrides"], r["candidate"]

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import load_bench_script
 from hihpq.data import ImageFolderDataset
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "fashion_mnist.py"
 
 
 @pytest.fixture
 def fm(monkeypatch):
-    spec = importlib.util.spec_from_file_location("fashion_mnist_script", _SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("fashion_mnist")
     monkeypatch.setattr(
         mod,
         "FILES",

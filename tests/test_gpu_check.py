@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+from helpers import load_bench_script
 
 
 def test_gpu_check_tiny_runs_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench_script("gpu_check")
     out = tmp_path / "gpu_check_tiny.json"
     result = module.main(["--device", "cpu", "--tiny", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

@@ -172,3 +172,19 @@ def test_weights_hash_follows_every_value_of_any_module():
     with torch.no_grad():
         net[0].weight[0, 0, 0, 0] += 1e-3
     assert rt._weights_hash(net) != before
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_prepare_features_accepts_a_compiled_backbone(compiled, runtime, image_folder, tmp_path):
+    """A compiled backbone has no parameters (it runs on the CPU): prepare_features must not ask them its device."""
+    from helpers import tiny_head_config
+    from hihpq.data.prepare import prepare_features
+
+    cfg = tiny_head_config(
+        "data.dataset=folder", f"data.root={image_folder}", "data.n_query=3", f"backbone.resolution={RES}",
+        f"features.cache_dir={tmp_path / 'features'}", "features.n_views=2", "features.num_workers=0",
+    )  # fmt: skip
+    fast = _compiled(compiled, runtime)
+    prep = prepare_features(cfg, backbone=fast, progress=False)
+    assert prep.clean.shape == (12, fast.feature_dim) and prep.views.shape == (9, 2, fast.feature_dim)
+    assert prep.backbone is fast

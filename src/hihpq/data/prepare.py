@@ -23,6 +23,7 @@ __all__ = [
     "prepare_features",
     "prepare_online",
     "resolve_levels",
+    "validation_split",
 ]
 
 
@@ -176,6 +177,31 @@ def auto_levels(n_train: int) -> list[int]:
     return sorted(set(sizes), reverse=True)
 
 
+def validation_split(split, n_query: int, seed: int = 0, n_fit: int | None = None, train_valid=None):
+    """(the split of :meth:`PreparedFeatures.validation_fold`, positions of its training images in ``split.train``).
+
+    Its queries, database and training images are all training images of ``split`` (``train_valid``: False for
+    unreadable ones, which are left out); usable before any feature is computed.
+    """
+    from hihpq.data import Split
+
+    pos = np.arange(len(split.train)) if train_valid is None else np.flatnonzero(train_valid)
+    if not 0 < n_query < len(pos):
+        raise ValueError(f"n_query={n_query}: the validation fold needs 0 < n_query < {len(pos)} training images")
+    n_db = len(pos) - n_query
+    if n_fit is not None and not 0 < n_fit <= n_db:
+        raise ValueError(f"n_fit={n_fit}: the validation fold trains on 1 to {n_db} of its database images")
+    perm = np.random.default_rng(seed).permutation(pos)
+    q_pos, db_pos = np.sort(perm[:n_query]), np.sort(perm[n_query:])
+    fit_pos = db_pos if n_fit is None else np.sort(perm[n_query : n_query + n_fit])
+    train = split.train
+    params = {"n_query": int(n_query), "n_database": len(db_pos), "n_train": len(fit_pos), "of": split.name}
+    fold = Split(
+        f"{split.name}-validation", split.dataset, train[q_pos], train[db_pos], train[fit_pos], seed=seed, params=params
+    )
+    return fold, fit_pos
+
+
 @dataclass
 class PreparedFeatures:
     """Frozen-backbone features of one protocol: the clean view of every used image, V views of each training one."""
@@ -208,23 +234,7 @@ class PreparedFeatures:
         whose database is its training set rewards settings that memorise the training images.
         Unreadable training images are left out.
         """
-        from hihpq.data import Split
-
-        pos = np.arange(len(self.split.train)) if self.train_valid is None else np.flatnonzero(self.train_valid)
-        if not 0 < n_query < len(pos):
-            raise ValueError(f"n_query={n_query}: the validation fold needs 0 < n_query < {len(pos)} training images")
-        n_db = len(pos) - n_query
-        if n_fit is not None and not 0 < n_fit <= n_db:
-            raise ValueError(f"n_fit={n_fit}: the validation fold trains on 1 to {n_db} of its database images")
-        perm = np.random.default_rng(seed).permutation(pos)
-        q_pos, db_pos = np.sort(perm[:n_query]), np.sort(perm[n_query:])
-        fit_pos = db_pos if n_fit is None else np.sort(perm[n_query : n_query + n_fit])
-        train = self.split.train
-        params = {"n_query": int(n_query), "n_database": len(db_pos), "n_train": len(fit_pos), "of": self.split.name}
-        split = Split(
-            f"{self.split.name}-validation", self.split.dataset, train[q_pos], train[db_pos], train[fit_pos],
-            seed=seed, params=params,
-        )  # fmt: skip
+        split, fit_pos = validation_split(self.split, n_query, seed, n_fit, self.train_valid)
         return PreparedFeatures(split, self.clean, self.used, np.asarray(self.views[fit_pos]), 0, None, self.backbone)
 
     def train_source(self):
@@ -262,7 +272,8 @@ def prepare_features(
         device = cfg.train.device
         backbone = frozen_backbone(b.name, b.weights, b.resolution, b.runtime, b.precision, device)
     else:
-        device = next(backbone.parameters()).device
+        # a compiled backbone (hihpq.models.runtime) has no parameters and runs on the CPU
+        device = next(backbone.parameters(), torch.empty(0)).device
     cache = FeatureCache(cfg.features.cache_dir)
     used = np.unique(np.concatenate([split.query, split.database, split.train]))
     common = {"batch_size": cfg.features.batch_size, "device": device, "cache": cache, "progress": progress}
