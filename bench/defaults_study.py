@@ -169,29 +169,39 @@ def split_candidate(cand: list[str], prep):
     return over, prep
 
 
+#: the CIFAR-10 sets are folds of the CIFAR-10 (II) training images: PreparedFeatures.validation_fold arguments
+CIFAR_FOLDS = {"cifar-train": {"n_query": 1000, "seed": 0}, "cifar-half": {"n_query": 1000, "seed": 0, "n_fit": 2000}}
+
+
+def set_overrides(name: str, args) -> list[str]:
+    """The config overrides every run on tuning set ``name`` gets (with the 32-bit config: its split)."""
+    if name in CIFAR_FOLDS:
+        if not args.data:
+            raise SystemExit(f"tuning set {name} needs --data (CIFAR-10)")
+        return [f"data.root={args.data}", *args.overrides]
+    if not args.fashion:
+        raise SystemExit(f"tuning set {name} needs --fashion (the Fashion-MNIST folder)")
+    return [
+        "data.dataset=folder",
+        f"data.root={args.fashion}",
+        "data.split_seed=7",
+        "data.n_query=1000",
+        f"data.n_database={20000 if name == 'fashion-10pct' else 5000}",
+        "data.n_train=2000",
+        "hierarchy.levels=[]",
+        *args.overrides,
+    ]
+
+
 def tuning_sets(args, names: list[str]) -> dict[str, tuple[list[str], object]]:
     """name -> (overrides every run of the set gets, its PreparedFeatures)."""
     sets, cifar = {}, None  # both CIFAR sets are folds of the same CIFAR-10 (II) features: read them once
     for name in names:
-        if name.startswith("cifar"):
-            if not args.data:
-                raise SystemExit(f"tuning set {name} needs --data (CIFAR-10)")
-            over = [f"data.root={args.data}", *args.overrides]
+        over = set_overrides(name, args)
+        if name in CIFAR_FOLDS:
             cifar = cifar or prepare_features(load_config("cifar10-ii-32", over))
-            sets[name] = (over, cifar.validation_fold(1000, seed=0, n_fit=2000 if name == "cifar-half" else None))
+            sets[name] = (over, cifar.validation_fold(**CIFAR_FOLDS[name]))
         else:
-            if not args.fashion:
-                raise SystemExit(f"tuning set {name} needs --fashion (the Fashion-MNIST folder)")
-            over = [
-                "data.dataset=folder",
-                f"data.root={args.fashion}",
-                "data.split_seed=7",
-                "data.n_query=1000",
-                f"data.n_database={20000 if name == 'fashion-10pct' else 5000}",
-                "data.n_train=2000",
-                "hierarchy.levels=[]",
-                *args.overrides,
-            ]
             sets[name] = (over, prepare_features(load_config("cifar10-ii-32", over)))
     return sets
 

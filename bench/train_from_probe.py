@@ -24,7 +24,6 @@ import argparse
 import itertools
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -32,14 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from hihpq.benchmark import evaluate_learned
-from hihpq.build import build_loss, build_model, train_settings
+from defaults_study import CIFAR_FOLDS, set_overrides  # bench/ is the script's directory, first on sys.path
+from hihpq.benchmark import run_learned
 from hihpq.config import load_config
-from hihpq.data.prepare import make_split, prepare_features, resolve_levels, validation_split
+from hihpq.data.prepare import make_split, prepare_features, validation_split
 from hihpq.models.backbones import EfficientNetLiteBackbone
 from hihpq.models.runtime import compile_backbone
-from hihpq.runinfo import run_record, seed_everything, write_json
-from hihpq.train import Trainer
+from hihpq.runinfo import run_record, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = {  # name -> (smallest window side as a fraction of the map's, head conv trains)
@@ -53,11 +51,10 @@ ARMS = {  # name -> (smallest window side as a fraction of the map's, head conv 
 class LiteBlocks(EfficientNetLiteBackbone):
     """EfficientNet-Lite0 without its head: (B, 3, R, R) -> (B, 320 * (R / 32)^2), the last block's output flattened."""
 
-    channels = 320
-
     def __init__(self, resolution: int) -> None:
         super().__init__("default")  # builds the network by the class's name (efficientnet-lite0)
         self.name = "efficientnet-lite0-blocks"  # keys its own feature-cache and export entries
+        self.channels = self.net._conv_head.in_channels  # 320
         if resolution % 32:
             raise ValueError(f"resolution must be a multiple of 32, got {resolution}")
         self.side = resolution // 32
@@ -86,6 +83,7 @@ class LiteHead(nn.Module):
         self.conv = fuse_conv_bn_eval(net._conv_head.eval(), net._bn1.eval())
         self.conv.requires_grad_(trainable)
         self.channels, self.side, self.min_window = blocks.channels, blocks.side, min_window
+        self.feature_dim = self.conv.out_channels  # 1280: the projector's input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s = x.shape[0], self.side
@@ -104,30 +102,17 @@ class LiteHead(nn.Module):
 
 
 def tuning_set(name: str, args, blocks) -> tuple[list[str], object]:
-    """(overrides, PreparedFeatures of the activations) of a held-out tuning set of bench/defaults_study.py."""
-    if name == "cifar-half":
-        over = [f"data.root={args.data}", *args.overrides]
-        cfg = load_config("cifar10-ii-32", over)
-        fold, _ = validation_split(make_split(cfg), 1000, seed=0, n_fit=2000)  # as PreparedFeatures.validation_fold
-        return over, prepare_features(cfg, fold, backbone=blocks)
-    over = [
-        "data.dataset=folder", f"data.root={args.fashion}", "data.split_seed=7", "data.n_query=1000",
-        "data.n_database=20000", "data.n_train=2000", "hierarchy.levels=[]", *args.overrides,
-    ]  # fmt: skip
-    return over, prepare_features(load_config("cifar10-ii-32", over), backbone=blocks)
+    """(overrides, PreparedFeatures of the activations) of a held-out tuning set of bench/defaults_study.py; a CIFAR
+    fold computes activations for its own images only."""
+    over = set_overrides(name, args)
+    cfg = load_config("cifar10-ii-32", over)
+    split = validation_split(make_split(cfg), **CIFAR_FOLDS[name])[0] if name in CIFAR_FOLDS else None
+    return over, prepare_features(cfg, split, backbone=blocks)
 
 
 def run_arm(cfg, prep, blocks: LiteBlocks, arm: str) -> dict:
     min_window, trainable = ARMS[arm]
-    seed_everything(cfg.seed)
-    t0 = time.perf_counter()
-    resolve_levels(cfg, len(prep.split.train))
-    model = build_model(cfg, blocks.net._conv_head.out_channels, backbone=LiteHead(blocks, min_window, trainable))
-    history = Trainer(model, build_loss(cfg), train_settings(cfg, progress=False)).fit(prep.train_source())
-    scores = evaluate_learned(model, prep, cfg.eval.topk, cfg.eval.metric)
-    scores["wall_s"] = time.perf_counter() - t0
-    scores["history"] = history
-    return scores
+    return run_learned(cfg, prep, progress=False, front=LiteHead(blocks, min_window, trainable))
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,7 +16,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def load_bench_script(name: str) -> ModuleType:
-    """The module of ``bench/<name>.py`` (bench scripts are not a package), executed once per call."""
+    """The module of ``bench/<name>.py`` (bench scripts are not a package), executed once per call. bench/ goes on
+    sys.path, as when the script runs, so that scripts can import each other."""
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
     spec = importlib.util.spec_from_file_location(f"{name}_script", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -57,3 +57,32 @@ def test_random_window_pooling_averages_one_window_per_image(probe, blocks):
     assert len(set(errors.argmin(dim=0).tolist())) > 3  # and the windows differ between images
     with torch.no_grad():
         torch.testing.assert_close(head.eval()(acts), y.mean(dim=(2, 3)))  # evaluation pools the whole map
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_run_arm_trains_the_head_only_when_asked(probe, blocks, trainable):
+    """run_learned with a front module: the projector reads the head's 1280 features; the head conv moves only in the
+    trainable arms."""
+    import numpy as np
+
+    from helpers import tiny_head_config
+    from hihpq.benchmark import run_learned
+    from hihpq.data.folders import ArrayImageDataset
+    from hihpq.data.prepare import PreparedFeatures
+    from hihpq.data.protocols import Split
+
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = np.arange(n) % 4
+    ds = ArrayImageDataset(np.zeros((n, 4, 4, 3), np.uint8), labels)
+    split = Split("toy", ds, np.arange(0, 8), np.arange(8, n), np.arange(8, n))
+    acts = rng.random((n, blocks.feature_dim)).astype(np.float16) + labels[:, None].astype(np.float16)
+    views = (acts[8:, None] + 0.05 * rng.random((n - 8, 2, blocks.feature_dim))).astype(np.float16)
+    prep = PreparedFeatures(split, acts, np.arange(n), views, 0)
+    cfg = tiny_head_config("train.epochs=2", "train.batch_size=16", "eval.topk=10", "hierarchy.levels=[4, 2]")
+    front = probe.LiteHead(blocks, 0.5, trainable=trainable)
+    before = front.conv.weight.detach().clone()
+    scores, model = run_learned(cfg, prep, progress=False, return_model=True, front=front)
+    assert model.backbone is front and model.projector.in_dim == front.feature_dim == 1280
+    assert 0 <= scores["map_at_10"] <= 1
+    assert (not torch.equal(front.conv.weight, before)) == trainable

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import Config, load_config
@@ -86,13 +87,23 @@ def evaluate_learned(model, prep: PreparedFeatures, topk: int, metric: str = "ad
 
 
 def run_learned(
-    cfg: Config, prep: PreparedFeatures, progress: bool = True, *, return_model: bool = False
+    cfg: Config,
+    prep: PreparedFeatures,
+    progress: bool = True,
+    *,
+    return_model: bool = False,
+    front: torch.nn.Module | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], Any]:
-    """Train one learned method on the cached features and score it; ``return_model``: (scores, model)."""
+    """Train one learned method on the cached features and score it; ``return_model``: (scores, model).
+
+    ``front``: a module between the cached features and the projector (the model's ``backbone``, e.g. the top
+    layers of a backbone over cached activations); its ``feature_dim`` is the projector's input.
+    """
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     resolve_levels(cfg, len(prep.split.train))  # `hierarchy.levels=[]`: sizes from the number of training images
-    model = build_model(cfg, prep.clean.shape[1])
+    in_dim = prep.clean.shape[1] if front is None else front.feature_dim
+    model = build_model(cfg, in_dim, backbone=front)
     trainer = Trainer(model, build_loss(cfg), train_settings(cfg, progress=progress))
     history = trainer.fit(prep.train_source())
     scores = evaluate_learned(model, prep, cfg.eval.topk, cfg.eval.metric)
