@@ -10,6 +10,8 @@
                         # (bench/results/generalisation_study.json)
     ... --study sharpness   # temperature, ball and batch re-chosen on the held-out sets, with the dropout
                         # (bench/results/sharpness_study.json)
+    ... --study training    # epochs, step size, loss weights, hierarchy sizes, width, codewords per subspace
+                        # on the held-out sets (bench/results/training_study.json)
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -60,6 +62,8 @@ AUTHORS = {
 FIXED_C = ["quantizer.learn_curvature=false", "quantizer.curvature_keeps_scale=false"]
 # no feature dropout, as every study before the generalisation study ran (the default since: 0.2)
 NO_DROPOUT = ["projector.dropout=0"]
+# 50 epochs, as every study before the training study ran (the configs train by train.steps since)
+FIFTY_EPOCHS = ["train.epochs=50"]
 
 
 def default_candidates(bits: int) -> dict[str, list[str]]:
@@ -79,7 +83,7 @@ def default_candidates(bits: int) -> dict[str, list[str]]:
             "tau_qc=0.05M": [f"loss.tau_qc={0.05 * m:g}"],
             "tau=0.2,clip=0.8,tau_qc=0.1M": ["quantizer.tau=0.2", "quantizer.clip_r=0.8", f"loss.tau_qc={0.1 * m:g}"],
         }
-    return {name: [*AUTHORS[bits], *FIXED_C, *NO_DROPOUT, *over] for name, over in cands.items()}
+    return {name: [*AUTHORS[bits], *FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *over] for name, over in cands.items()}
 
 
 def model_candidates(bits: int) -> dict[str, list[str]]:
@@ -98,7 +102,7 @@ def model_candidates(bits: int) -> dict[str, list[str]]:
         "linear projector": ["projector.kind=linear"],
         "codebooks from data": ["quantizer.init_from_data=true"],
     }
-    return {name: [*FIXED_C, *NO_DROPOUT, *over] for name, over in cands.items()}
+    return {name: [*FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *over] for name, over in cands.items()}
 
 
 def generalisation_candidates(bits: int) -> dict[str, list[str]]:
@@ -118,7 +122,7 @@ def generalisation_candidates(bits: int) -> dict[str, list[str]]:
         "25 epochs": ["train.epochs=25"],
         "cosine (full-euclidean)": ["quantizer.geometry=cosine", "quantizer.tau=0.1", f"loss.tau_qc={0.2 * m:g}"],
     }
-    return {name: [*NO_DROPOUT, *over] for name, over in cands.items()}
+    return {name: [*NO_DROPOUT, *FIFTY_EPOCHS, *over] for name, over in cands.items()}
 
 
 # The two (soft-assignment tau, clip radius) balls of the configs: narrow at 16 and 32 bits, wide at 64.
@@ -139,6 +143,7 @@ def sharpness_candidates(bits: int) -> dict[str, list[str]]:
         f"quantizer.learn_curvature={str(bits == 16).lower()}",
         "quantizer.curvature_keeps_scale=true",
         "projector.dropout=0.2",
+        *FIFTY_EPOCHS,
     ]
     cands = {
         "defaults (dropout 0.2)": [],
@@ -149,11 +154,48 @@ def sharpness_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
+#: tau_qc per subspace of the configs after the sharpness study (0.075 M at 32 / 64 bits, 0.1 M at 16)
+TAU_QC_PER_M = {16: 0.1, 32: 0.075, 64: 0.075}
+
+
+def training_candidates(bits: int) -> dict[str, list[str]]:
+    """The knobs no study had varied, on the held-out sets, around the configs as the sharpness study left them
+    (pinned, so that it reruns the same way): training length and step size, the weights of the hierarchy losses
+    (lambda2 = 1 is the paper's Instance weight), hierarchy sizes finer and coarser than both sets' (cifar-half
+    100 / 50 / 25, fashion-10pct the auto rule 40 / 20 / 10), a wider feature, and 16 codewords per subspace
+    (twice the subspaces for the same bits; tau_qc keeps its rate per subspace)."""
+    m, rate = bits // 8, TAU_QC_PER_M[bits]
+    ball = BALLS["wide" if bits == 64 else "narrow"]
+    pinned = [
+        *ball,
+        f"loss.tau_qc={rate * m:g}",
+        f"quantizer.learn_curvature={str(bits == 16).lower()}",
+        "quantizer.curvature_keeps_scale=true",
+        "projector.dropout=0.2",
+        *FIFTY_EPOCHS,
+    ]
+    cands = {
+        "defaults (tau_qc 0.075 M at 32/64)": [],
+        "100 epochs": ["train.epochs=100"],
+        "200 epochs": ["train.epochs=200"],
+        "lr x2": ["train.lr=0.02"],
+        "lr x0.5": ["train.lr=0.005"],
+        "lambda1 2": ["loss.lambda1=2"],
+        "lambda2 1": ["loss.lambda2=1"],
+        "hierarchy 200/100/50": ["hierarchy.levels=[200,100,50]"],
+        "hierarchy 40/20/10": ["hierarchy.levels=[40,20,10]"],
+        "feature dim 128": ["quantizer.feature_dim=128"],
+        "16 codewords": ["quantizer.n_codewords=16", f"loss.tau_qc={rate * 2 * m:g}"],
+    }
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
 STUDIES = {
     "defaults": default_candidates,
     "model": model_candidates,
     "generalisation": generalisation_candidates,
     "sharpness": sharpness_candidates,
+    "training": training_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: a candidate's "study.views=N" trains on the first N cached views of each image (not a config field)
@@ -234,7 +276,8 @@ def main() -> None:
     records = json.loads(out.read_text()) if out.exists() else []
     if args.report:
         return summarise(records)
-    default_sets = HELD_OUT_SETS if args.study in ("generalisation", "sharpness") else ["cifar-train", "fashion"]
+    held_out = args.study in ("generalisation", "sharpness", "training")
+    default_sets = HELD_OUT_SETS if held_out else ["cifar-train", "fashion"]
     sets = tuning_sets(args, args.sets or default_sets)
     done = {(r["bits"], r["candidate"], r["tuning_set"], r["seed"]) for r in records}  # a rerun resumes
     for bits, seed in itertools.product(args.bits, args.seed):

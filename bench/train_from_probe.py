@@ -137,7 +137,8 @@ def main() -> None:
         for bits, seed, arm in itertools.product(args.bits, args.seed, args.arms):
             if (bits, arm, set_name, seed, tuple(args.overrides)) in done:
                 continue
-            cfg = load_config(f"cifar10-ii-{bits}", [*over, f"seed={seed}"])
+            # 50 epochs, as the configs trained when the probe ran (they train by train.steps since)
+            cfg = load_config(f"cifar10-ii-{bits}", ["train.epochs=50", *over, f"seed={seed}"])
             scores = run_arm(cfg, prep, reference, arm)
             value = float(scores[f"map_at_{cfg.eval.topk}"])
             last = scores["history"][-1]

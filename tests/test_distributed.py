@@ -1,8 +1,8 @@
 """torchrun: 2 CPU processes on gloo train like 1 process with the same global batch, and resume after a kill.
 
 The runs go through ``python -m torch.distributed.run`` (torchrun) in subprocesses, on cached features of a
-generated colour folder (a linear projector: BatchNorm statistics are per process on CPU, see the README; no
-feature dropout: its masks are drawn per process).
+generated colour folder (a linear projector: BatchNorm statistics are per process on CPU, see the README), with
+the feature dropout: each rank cuts its rows out of one mask of the global batch.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from hihpq.cli import main
 SRC = Path(__file__).resolve().parents[1] / "src"
 EPOCHS = 4
 # Float tolerance between 1 and 2 processes: the same global-batch loss, summed in another order (gathered rows,
-# gradients averaged over ranks) drifts by rounding only: ~1e-6 relative per step in fp32.
-LOSS_RTOL = 1e-4
+# gradients averaged over ranks) drifts by rounding only: ~1e-6 relative per step in fp32, grown to 2e-4 by the
+# fourth epoch with the feature dropout. Ranks that drew their own dropout masks differ by 3e-3 in the first
+# epoch's loss and 3% by the fourth (measured), so this still tells the two apart.
+LOSS_RTOL = 1e-3
 
 KILL_AFTER_FIRST_CHECKPOINT = """
 import os, signal
@@ -79,7 +81,7 @@ def setup(tmp_path_factory):
         "tiny-ddp",
         data={"n_query": 12, "n_train": 48},
         features={"n_views": 2},
-        projector={"kind": "linear", "dropout": 0.0},  # dropout masks are drawn per process: not bitwise equal
+        projector={"kind": "linear", "dropout": 0.2},
         train={"epochs": EPOCHS, "batch_size": 16, "lr": 0.005},
     )
     one = tmp / "one"

@@ -82,6 +82,23 @@ def test_training_lowers_the_loss_and_codes_beat_random(tmp_path):
     assert scores["map_at_40"] > random_map + 0.3
 
 
+def test_train_steps_sets_the_epochs_from_the_training_set_size(tmp_path):
+    """train.steps: that many optimizer steps rounded up to whole epochs, whatever the number of images; the
+    cosine schedule spans exactly those steps."""
+    clean, views, _ = _blobs()  # 160 images
+    for steps, n, epochs in ((7, 160, 2), (11, 160, 3), (7, 80, 4), (1, 10, 1)):  # batch 32: 160 images, 5 steps
+        cfg = _cfg(tmp_path, "train.batch_size=32", f"train.steps={steps}", "hierarchy.levels=[4,2]")
+        trainer = _trainer(cfg)
+        assert trainer.n_epochs(n) == epochs
+        if n == 80:
+            history = trainer.fit(CachedViews(views[:n], clean[:n]))
+            total = epochs * (n // 32)
+            assert len(history) == epochs and trainer.step == total
+            t = cfg.train
+            assert history[-1]["lr"] == pytest.approx(lr_at(total - 1, total, t.warmup_epochs * 2, t.lr, t.min_lr))
+    assert _trainer(_cfg(tmp_path, "train.epochs=5")).n_epochs(160) == 5  # steps = 0: the epochs as given
+
+
 def test_curvature_lr_scale_sets_the_curvature_step_and_zero_freezes_it(tmp_path):
     clean, views, _ = _blobs()
     moved = {}

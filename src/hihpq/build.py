@@ -60,6 +60,7 @@ def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
     t, h = cfg.train, cfg.hierarchy
     return TrainSettings(
         epochs=t.epochs,
+        steps=t.steps,
         batch_size=t.batch_size,
         lr=t.lr,
         momentum=t.momentum,

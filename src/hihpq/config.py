@@ -119,6 +119,10 @@ class HierarchyConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 50
+    # > 0: train this many optimizer steps instead, the epochs following from the training set size
+    # (ceil(steps / steps per epoch)): the same training for 2,000 images or 50,000. A config or override that
+    # gives only train.epochs resets it to 0 (the last length given decides: see _merge)
+    steps: int = 0
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
@@ -351,6 +355,7 @@ SCHEMA: dict[str, Spec] = {
     "hierarchy.warmup_epochs": _int(0),
     "hierarchy.interval": _int(1),
     "train.epochs": _int(1),
+    "train.steps": _int(0),
     "train.batch_size": _int(2),  # the contrastive loss needs negatives
     "train.lr": _POSITIVE,
     "train.momentum": _float(0, 1, hi_open=True),
@@ -446,9 +451,21 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` (a config extending ``base``, or an override) on top of ``base``. train.epochs and train.steps are
+    two ways of giving the training length: a layer that gives only the epochs also resets the steps, so that the
+    last one given decides (``-o train.epochs=10`` on a config that trains by steps trains 10 epochs)."""
+    out = _merge_dicts(base, over)
+    given = over.get("train")
+    if isinstance(given, dict) and "epochs" in given and "steps" not in given and isinstance(out.get("train"), dict):
+        out["train"] = {**out["train"], "steps": 0}
+    return out
+
+
+def _merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        is_dict = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge_dicts(out[key], value) if is_dict else value
     return out
 
 

@@ -256,6 +256,7 @@ class TrainSettings:
     """Arguments of the loop itself (the ``train`` and ``hierarchy`` config sections)."""
 
     epochs: int = 50
+    steps: int = 0  # > 0: this many optimizer steps, rounded up to whole epochs (replaces epochs)
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
@@ -300,8 +301,8 @@ class _StepForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor):
-        z = self.model.project(x)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None):
+        z = self.model.project(x, keep)
         if not torch.isfinite(z).all():  # reported by the trainer, which names the step
             return z, None
         return z, self.model.quantizer(z)
@@ -448,6 +449,13 @@ class Trainer:
         self.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------------------- training
+    def n_epochs(self, n_train: int) -> int:
+        """Epochs of a run on n_train images: ``epochs``, or with ``steps`` the fewest whole epochs that hold that
+        many steps (an epoch is n_train // batch_size steps, at least one)."""
+        if not self.s.steps:
+            return self.s.epochs
+        return math.ceil(self.s.steps / max(1, n_train // self.s.batch_size))
+
     def fit(self, source: ViewSource, *, resume: bool = False) -> list[dict]:
         """Train for ``settings.epochs`` epochs (continuing from the checkpoint in out_dir when ``resume``)."""
         ckpt = self.out_dir / "checkpoint.pt" if self.out_dir else None
@@ -472,8 +480,9 @@ class Trainer:
                 f"by the number of processes ({self.dist.world_size}); change train.batch_size or --nproc-per-node"
             )
         n_batches = max(1, source.n // self.s.batch_size)
-        total_steps = self.s.epochs * n_batches
-        while self.epoch < self.s.epochs:
+        epochs = self.n_epochs(source.n)
+        total_steps = epochs * n_batches
+        while self.epoch < epochs:
             t0 = time.perf_counter()
             if self.model.quantizer.init_from_data and self.epoch == self.s.hierarchy_warmup:
                 self._init_codebooks(source)
@@ -489,7 +498,7 @@ class Trainer:
             bar = tqdm(
                 zip(plans, views, strict=True),
                 total=n_batches,
-                desc=f"epoch {self.epoch + 1}/{self.s.epochs}",
+                desc=f"epoch {self.epoch + 1}/{epochs}",
                 disable=not (self.s.progress and self.dist.is_main),
                 leave=False,
             )
@@ -594,12 +603,13 @@ class Trainer:
                 f"non-finite input features for training images {bad[:5].tolist()} "
                 f"(epoch {self.epoch + 1}, step {self.step}); check the images or the feature cache"
             )
+        n_groups = 2 + len(pos_idx)  # x1, x2, one positive per level
+        keep = self._dropout_keep(n_groups, len(idx))
         with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None):
-            z, out = self._forward(x)
+            z, out = self._forward(x, keep)
         if not distributed.all_true(torch.isfinite(z).all()):
             self._diverged("the embeddings", {})
-        n_groups = 2 + len(pos_idx)  # x1, x2, one positive per level; the quantizer's outputs are fp32
-        qs = _by_group(distributed.gather_rows(out.h_soft.float()), n_groups, self.dist.world_size)
+        qs = _by_group(distributed.gather_rows(out.h_soft.float()), n_groups, self.dist.world_size)  # fp32
         prototypes = assignments = None
         if self.hierarchy is not None and self.loss.lambda1 > 0:
             # Eq. 17 with the current curvature (so gradients reach it), clipped like the embeddings.
@@ -628,6 +638,15 @@ class Trainer:
             **{k: float(v) for k, v in parts.items()},
             "quant_error": float(qerr),
         }
+
+    def _dropout_keep(self, n_groups: int, batch: int) -> torch.Tensor | None:
+        """The projector's dropout mask for this rank's rows, cut from one mask of the whole global batch: every
+        rank draws that mask from the same generator state, so N processes drop the features one process would."""
+        full = self.model.projector.draw_keep(n_groups * batch, device=self.device)
+        if full is None or not self.dist.distributed:
+            return full
+        lo, hi = distributed.shard_bounds(batch, self.dist.world_size, self.dist.rank)
+        return full.view(n_groups, batch, -1)[:, lo:hi].reshape(-1, full.shape[1])  # rows are group-major
 
     def _diverged(self, what: str, parts: dict) -> None:
         last = {k: v for k, v in self.history[-1].items() if k != "curvature"} if self.history else "none yet"

@@ -24,10 +24,10 @@ class HiHPQ(nn.Module):
         self.projector = projector
         self.quantizer = quantizer
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Ambient Euclidean embedding z (B, M * D)."""
+    def project(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Ambient Euclidean embedding z (B, M * D); ``keep``: the projector's dropout mask (Projector.draw_keep)."""
         feats = self.backbone(x) if self.backbone is not None else x
-        return self.projector(feats)
+        return self.projector(feats, keep)
 
     def forward(self, x: torch.Tensor):
         """Quantizer output (tangent vectors, embeddings, soft-quantized embeddings, assignment weights)."""

@@ -54,11 +54,25 @@ class Projector(nn.Module):
                 nn.Linear(hidden, out_dim),
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_dim) -> (B, out_dim)."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, in_dim) -> (B, out_dim). ``keep``: a (B, in_dim) dropout mask from :meth:`draw_keep`, used instead of
+        a mask drawn here (the trainer draws one for the global batch, so that N processes drop what one would)."""
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"Projector expects input of shape (B, {self.in_dim}), got {tuple(x.shape)}")
-        return self.net(self.drop(x))
+        if keep is None:
+            return self.net(self.drop(x))
+        if keep.shape != x.shape:
+            raise ValueError(f"keep mask of shape {tuple(keep.shape)} for input of shape {tuple(x.shape)}")
+        return self.net(x * keep)
+
+    def draw_keep(self, n: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """A training dropout mask for n rows: Bernoulli(1 - p) / (1 - p) from torch's generator of ``device``,
+        drawn exactly as ``nn.Dropout`` draws it on CPU (same numbers from the same generator state); None
+        without dropout."""
+        if not self.dropout:
+            return None
+        keep = 1.0 - self.dropout
+        return torch.empty((n, self.in_dim), device=device, dtype=dtype).bernoulli_(keep).div_(keep)
 
     def extra_repr(self) -> str:
         return (
