@@ -182,6 +182,7 @@ def training_candidates(bits: int) -> dict[str, list[str]]:
         "lr x0.5": ["train.lr=0.005"],
         "lambda1 2": ["loss.lambda1=2"],
         "lambda2 1": ["loss.lambda2=1"],
+        "Instance weights (lambda1 0, lambda2 1)": ["loss.lambda1=0", "loss.lambda2=1"],
         "hierarchy 200/100/50": ["hierarchy.levels=[200,100,50]"],
         "hierarchy 40/20/10": ["hierarchy.levels=[40,20,10]"],
         "feature dim 128": ["quantizer.feature_dim=128"],
