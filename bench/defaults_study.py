@@ -129,6 +129,19 @@ def generalisation_candidates(bits: int) -> dict[str, list[str]]:
 BALLS = {"narrow": ["quantizer.tau=0.2", "quantizer.clip_r=0.8"], "wide": ["quantizer.tau=1", "quantizer.clip_r=1.5"]}
 
 
+def _pinned(bits: int, tau_qc: float) -> list[str]:
+    """The configs as the held-out studies found them (the ball of the bit length, dropout 0.2, c learned keeping
+    its scale at 16 bits only, 50 epochs), with ``tau_qc``: pinned, so that a study reruns as it ran."""
+    return [
+        *BALLS["wide" if bits == 64 else "narrow"],
+        f"loss.tau_qc={tau_qc:g}",
+        f"quantizer.learn_curvature={str(bits == 16).lower()}",
+        "quantizer.curvature_keeps_scale=true",
+        "projector.dropout=0.2",
+        *FIFTY_EPOCHS,
+    ]
+
+
 def sharpness_candidates(bits: int) -> dict[str, list[str]]:
     """The settings the defaults study chose on tuning sets that rewarded memorising, re-examined on the held-out
     sets with the dropout default: a softer or sharper contrastive temperature, the other bit lengths' ball (clip
@@ -136,15 +149,8 @@ def sharpness_candidates(bits: int) -> dict[str, list[str]]:
     as the study started from them (tau_qc = 0.1 M, dropout 0.2, c learned keeping its scale at 16 bits only), so
     that it reruns the same way later."""
     tau_qc = 0.1 * (bits // 8)
-    ball, other = ("wide", "narrow") if bits == 64 else ("narrow", "wide")
-    pinned = [
-        *BALLS[ball],
-        f"loss.tau_qc={tau_qc:g}",
-        f"quantizer.learn_curvature={str(bits == 16).lower()}",
-        "quantizer.curvature_keeps_scale=true",
-        "projector.dropout=0.2",
-        *FIFTY_EPOCHS,
-    ]
+    other = "narrow" if bits == 64 else "wide"
+    pinned = _pinned(bits, tau_qc)
     cands = {
         "defaults (dropout 0.2)": [],
         **{f"tau_qc x{f:g}": [f"loss.tau_qc={f * tau_qc:g}"] for f in (2, 1.5, 0.75, 0.5)},
@@ -165,15 +171,7 @@ def training_candidates(bits: int) -> dict[str, list[str]]:
     100 / 50 / 25, fashion-10pct the auto rule 40 / 20 / 10), a wider feature, and 16 codewords per subspace
     (twice the subspaces for the same bits; tau_qc keeps its rate per subspace)."""
     m, rate = bits // 8, TAU_QC_PER_M[bits]
-    ball = BALLS["wide" if bits == 64 else "narrow"]
-    pinned = [
-        *ball,
-        f"loss.tau_qc={rate * m:g}",
-        f"quantizer.learn_curvature={str(bits == 16).lower()}",
-        "quantizer.curvature_keeps_scale=true",
-        "projector.dropout=0.2",
-        *FIFTY_EPOCHS,
-    ]
+    pinned = _pinned(bits, rate * m)
     cands = {
         "defaults (tau_qc 0.075 M at 32/64)": [],
         "100 epochs": ["train.epochs=100"],

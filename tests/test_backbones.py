@@ -275,17 +275,20 @@ def test_projector_dropout_perturbs_training_only():
 
 
 def test_a_drawn_dropout_mask_is_the_one_nn_dropout_draws():
-    """The trainer draws the global batch's mask (Projector.draw_keep) so that DDP ranks drop what one process
-    would; from the same generator state it equals nn.Dropout's own draw, so a single process trains exactly as
-    before (and its recorded benchmarks still reproduce)."""
+    """The projector drops features with masks from Projector.draw_keep (the trainer draws the global batch's, so
+    that DDP ranks drop what one process would); from the same generator state they are nn.Dropout's numbers, with
+    which the recorded benchmarks ran, so those still reproduce."""
     proj = Projector(30, 8, kind="mlp", dropout=0.2).train()
     x = torch.randn(40, 30)
     torch.manual_seed(5)
-    own = proj(x)
+    reference = proj.net(nn.functional.dropout(x, 0.2, training=True))
+    torch.manual_seed(5)
+    own = proj(x)  # a mask drawn inside
     torch.manual_seed(5)
     keep = proj.draw_keep(40)
     assert set(keep.unique().tolist()) == {0.0, 1 / 0.8}
-    torch.testing.assert_close(proj(x, keep), own, rtol=0, atol=0)
+    torch.testing.assert_close(own, reference, rtol=0, atol=0)
+    torch.testing.assert_close(proj(x, keep), reference, rtol=0, atol=0)
     assert Projector(30, 8).draw_keep(40) is None  # no dropout, no mask
     with pytest.raises(ValueError, match="keep mask"):
         proj(x, keep[:10])

@@ -449,15 +449,19 @@ class Trainer:
         self.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------------------- training
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Full batches of n_train images (the last partial one is dropped), at least one."""
+        return max(1, n_train // self.s.batch_size)
+
     def n_epochs(self, n_train: int) -> int:
         """Epochs of a run on n_train images: ``epochs``, or with ``steps`` the fewest whole epochs that hold that
-        many steps (an epoch is n_train // batch_size steps, at least one)."""
+        many steps."""
         if not self.s.steps:
             return self.s.epochs
-        return math.ceil(self.s.steps / max(1, n_train // self.s.batch_size))
+        return math.ceil(self.s.steps / self.steps_per_epoch(n_train))
 
     def fit(self, source: ViewSource, *, resume: bool = False) -> list[dict]:
-        """Train for ``settings.epochs`` epochs (continuing from the checkpoint in out_dir when ``resume``)."""
+        """Train for :meth:`n_epochs` epochs (continuing from the checkpoint in out_dir when ``resume``)."""
         ckpt = self.out_dir / "checkpoint.pt" if self.out_dir else None
         if resume:
             if ckpt is None or not ckpt.exists():
@@ -479,7 +483,7 @@ class Trainer:
                 f"the global batch ({batch} = train.batch_size, or the training set if smaller) must be divisible "
                 f"by the number of processes ({self.dist.world_size}); change train.batch_size or --nproc-per-node"
             )
-        n_batches = max(1, source.n // self.s.batch_size)
+        n_batches = self.steps_per_epoch(source.n)
         epochs = self.n_epochs(source.n)
         total_steps = epochs * n_batches
         while self.epoch < epochs:

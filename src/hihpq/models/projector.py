@@ -42,8 +42,7 @@ class Projector(nn.Module):
             raise ValueError(f"hidden must be a positive int, got {hidden!r}")
         self.in_dim, self.out_dim, self.kind = in_dim, out_dim, kind
         self.hidden = hidden if kind == "mlp" else None
-        self.dropout = float(dropout)
-        self.drop = nn.Dropout(self.dropout) if self.dropout else nn.Identity()  # no parameters: state dicts unchanged
+        self.dropout = float(dropout)  # applied in forward (draw_keep): no module, so state dicts are unchanged
         if kind == "linear":
             self.net: nn.Module = nn.Linear(in_dim, out_dim)
         else:
@@ -55,20 +54,23 @@ class Projector(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, in_dim) -> (B, out_dim). ``keep``: a (B, in_dim) dropout mask from :meth:`draw_keep`, used instead of
-        a mask drawn here (the trainer draws one for the global batch, so that N processes drop what one would)."""
+        """(B, in_dim) -> (B, out_dim). In training the features are dropped with ``keep``, a (B, in_dim) mask from
+        :meth:`draw_keep` (the trainer draws one for the global batch, so that N processes drop what one would),
+        or with a mask drawn here."""
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"Projector expects input of shape (B, {self.in_dim}), got {tuple(x.shape)}")
+        if keep is None and self.training:
+            keep = self.draw_keep(len(x), device=x.device, dtype=x.dtype)
         if keep is None:
-            return self.net(self.drop(x))
+            return self.net(x)
         if keep.shape != x.shape:
             raise ValueError(f"keep mask of shape {tuple(keep.shape)} for input of shape {tuple(x.shape)}")
         return self.net(x * keep)
 
     def draw_keep(self, n: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        """A training dropout mask for n rows: Bernoulli(1 - p) / (1 - p) from torch's generator of ``device``,
-        drawn exactly as ``nn.Dropout`` draws it on CPU (same numbers from the same generator state); None
-        without dropout."""
+        """A training dropout mask for n rows: Bernoulli(1 - p) / (1 - p) from torch's generator of ``device``, the
+        numbers ``nn.Dropout`` draws on CPU from the same generator state (what the recorded benchmarks ran with);
+        None without dropout."""
         if not self.dropout:
             return None
         keep = 1.0 - self.dropout
