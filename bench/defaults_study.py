@@ -189,12 +189,35 @@ def training_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
+def lever_candidates(bits: int) -> dict[str, list[str]]:
+    """Levers left after the training study, around the configs as it left them (pinned: 3,000 steps at 16 bits,
+    50 epochs at 32 / 64): the batch (the sharpness study found 256 far worse than 128, so smaller?), a learned
+    curvature at 32 / 64 bits with and without the longer training that made it pay at 16 bits, and 16 codewords
+    per subspace with the 16-bit model's longer training."""
+    m, rate = bits // 8, TAU_QC_PER_M[bits]
+    pinned = [*_pinned(bits, rate * m), *(["train.steps=3000"] if bits == 16 else [])]
+    learned = ["quantizer.learn_curvature=true", "quantizer.curvature_keeps_scale=true"]
+    cands = {
+        "defaults (3,000 steps at 16 bits)": [],
+        "batch 64": ["train.batch_size=64"],
+        "batch 32": ["train.batch_size=32"],
+        "batch 64, lr x0.5": ["train.batch_size=64", "train.lr=0.005"],
+    }
+    if bits == 16:
+        cands["16 codewords"] = ["quantizer.n_codewords=16", f"loss.tau_qc={rate * 2 * m:g}"]
+    else:
+        cands["learned c"] = learned
+        cands["learned c, 3,000 steps"] = [*learned, "train.steps=3000"]
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
 STUDIES = {
     "defaults": default_candidates,
     "model": model_candidates,
     "generalisation": generalisation_candidates,
     "sharpness": sharpness_candidates,
     "training": training_candidates,
+    "levers": lever_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: a candidate's "study.views=N" trains on the first N cached views of each image (not a config field)
@@ -275,7 +298,7 @@ def main() -> None:
     records = json.loads(out.read_text()) if out.exists() else []
     if args.report:
         return summarise(records)
-    held_out = args.study in ("generalisation", "sharpness", "training")
+    held_out = args.study in ("generalisation", "sharpness", "training", "levers")
     default_sets = HELD_OUT_SETS if held_out else ["cifar-train", "fashion"]
     sets = tuning_sets(args, args.sets or default_sets)
     done = {(r["bits"], r["candidate"], r["tuning_set"], r["seed"]) for r in records}  # a rerun resumes

@@ -59,7 +59,7 @@ def test_sharpness_candidates_start_from_the_configs_as_they_were(study, bits):
     assert load_config(f"cifar10-ii-{bits}", cands["batch 256"]).train.batch_size == 2 * base.train.batch_size
 
 
-@pytest.mark.parametrize("name", ["sharpness", "training"])
+@pytest.mark.parametrize("name", ["sharpness", "training", "levers"])
 def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
     """Every record of bench/results/<name>_study.json was trained with the config its candidate gives now: the
     same head, quantizer, losses and training (length included: the configs train 16 bits by steps since the
@@ -75,3 +75,29 @@ def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
         ran["train"].setdefault("steps", 0)  # recorded before train.steps existed
         for section in ("projector", "quantizer", "loss", "train"):
             assert cfg[section] == ran[section], (r["candidate"], section)
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_levers_study_starts_from_todays_configs(study, bits):
+    """The levers study's reference is the configs as they are (3,000 steps at 16 bits, 50 epochs at 32 / 64):
+    when a default changes, its pinned reference must say what it ran with. Each lever changes what it names."""
+    cands = study.lever_candidates(bits)
+    args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
+    for set_name in study.HELD_OUT_SETS:
+        over = study.set_overrides(set_name, args)
+        ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
+        today = load_config(f"cifar10-ii-{bits}", over).to_dict()
+        if not today["quantizer"]["learn_curvature"]:  # the pins keep the scale, which a fixed c = 1 never moves
+            today["quantizer"]["curvature_keeps_scale"] = ref["quantizer"]["curvature_keeps_scale"]
+        for section in ("projector", "quantizer", "loss", "train"):
+            assert ref[section] == today[section], (set_name, section)
+    base = load_config(f"cifar10-ii-{bits}", cands["defaults (3,000 steps at 16 bits)"])
+    half = load_config(f"cifar10-ii-{bits}", cands["batch 64"])
+    assert half.train.batch_size == 64 and base.train.batch_size == 128
+    assert (half.train.steps, half.train.epochs, half.train.lr) == (base.train.steps, base.train.epochs, base.train.lr)
+    assert load_config(f"cifar10-ii-{bits}", cands["batch 64, lr x0.5"]).train.lr == pytest.approx(base.train.lr / 2)
+    if bits == 16:
+        assert load_config(f"cifar10-ii-{bits}", cands["16 codewords"]).quantizer.n_codewords == 16
+    else:
+        learned = load_config(f"cifar10-ii-{bits}", cands["learned c, 3,000 steps"])
+        assert learned.quantizer.learn_curvature and learned.train.steps == 3000
