@@ -164,14 +164,23 @@ def sharpness_candidates(bits: int) -> dict[str, list[str]]:
 TAU_QC_PER_M = {16: 0.1, 32: 0.075, 64: 0.075}
 
 
+def _pinned_after_sharpness(bits: int) -> list[str]:
+    """The configs as the sharpness study left them (its tau_qc per subspace), pinned."""
+    return _pinned(bits, TAU_QC_PER_M[bits] * (bits // 8))
+
+
+def _sixteen_codewords(bits: int) -> list[str]:
+    """16 codewords per subspace: twice the subspaces for the same bits, tau_qc keeping its rate per subspace."""
+    return ["quantizer.n_codewords=16", f"loss.tau_qc={TAU_QC_PER_M[bits] * 2 * (bits // 8):g}"]
+
+
 def training_candidates(bits: int) -> dict[str, list[str]]:
     """The knobs no study had varied, on the held-out sets, around the configs as the sharpness study left them
     (pinned, so that it reruns the same way): training length and step size, the weights of the hierarchy losses
     (lambda2 = 1 is the paper's Instance weight), hierarchy sizes finer and coarser than both sets' (cifar-half
     100 / 50 / 25, fashion-10pct the auto rule 40 / 20 / 10), a wider feature, and 16 codewords per subspace
     (twice the subspaces for the same bits; tau_qc keeps its rate per subspace)."""
-    m, rate = bits // 8, TAU_QC_PER_M[bits]
-    pinned = _pinned(bits, rate * m)
+    pinned = _pinned_after_sharpness(bits)
     cands = {
         "defaults (tau_qc 0.075 M at 32/64)": [],
         "100 epochs": ["train.epochs=100"],
@@ -184,7 +193,7 @@ def training_candidates(bits: int) -> dict[str, list[str]]:
         "hierarchy 200/100/50": ["hierarchy.levels=[200,100,50]"],
         "hierarchy 40/20/10": ["hierarchy.levels=[40,20,10]"],
         "feature dim 128": ["quantizer.feature_dim=128"],
-        "16 codewords": ["quantizer.n_codewords=16", f"loss.tau_qc={rate * 2 * m:g}"],
+        "16 codewords": _sixteen_codewords(bits),
     }
     return {name: [*pinned, *over] for name, over in cands.items()}
 
@@ -194,8 +203,7 @@ def lever_candidates(bits: int) -> dict[str, list[str]]:
     50 epochs at 32 / 64): the batch (the sharpness study found 256 far worse than 128, so smaller?), a learned
     curvature at 32 / 64 bits with and without the longer training that made it pay at 16 bits, and 16 codewords
     per subspace with the 16-bit model's longer training."""
-    m, rate = bits // 8, TAU_QC_PER_M[bits]
-    pinned = [*_pinned(bits, rate * m), *(["train.steps=3000"] if bits == 16 else [])]
+    pinned = [*_pinned_after_sharpness(bits), *(["train.steps=3000"] if bits == 16 else [])]
     learned = ["quantizer.learn_curvature=true", "quantizer.curvature_keeps_scale=true"]
     cands = {
         "defaults (3,000 steps at 16 bits)": [],
@@ -204,7 +212,7 @@ def lever_candidates(bits: int) -> dict[str, list[str]]:
         "batch 64, lr x0.5": ["train.batch_size=64", "train.lr=0.005"],
     }
     if bits == 16:
-        cands["16 codewords"] = ["quantizer.n_codewords=16", f"loss.tau_qc={rate * 2 * m:g}"]
+        cands["16 codewords"] = _sixteen_codewords(bits)
     else:
         cands["learned c"] = learned
         cands["learned c, 3,000 steps"] = [*learned, "train.steps=3000"]
@@ -220,6 +228,8 @@ STUDIES = {
     "levers": lever_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
+#: the studies made before the held-out sets existed; every later study runs on the held-out sets
+TUNING_SET_STUDIES = ("defaults", "model")
 #: a candidate's "study.views=N" trains on the first N cached views of each image (not a config field)
 VIEWS = "study.views="
 
@@ -298,8 +308,7 @@ def main() -> None:
     records = json.loads(out.read_text()) if out.exists() else []
     if args.report:
         return summarise(records)
-    held_out = args.study in ("generalisation", "sharpness", "training", "levers")
-    default_sets = HELD_OUT_SETS if held_out else ["cifar-train", "fashion"]
+    default_sets = ["cifar-train", "fashion"] if args.study in TUNING_SET_STUDIES else HELD_OUT_SETS
     sets = tuning_sets(args, args.sets or default_sets)
     done = {(r["bits"], r["candidate"], r["tuning_set"], r["seed"]) for r in records}  # a rerun resumes
     for bits, seed in itertools.product(args.bits, args.seed):
