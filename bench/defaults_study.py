@@ -12,6 +12,8 @@
                         # (bench/results/sharpness_study.json)
     ... --study training    # epochs, step size, loss weights, hierarchy sizes, width, codewords per subspace
                         # on the held-out sets (bench/results/training_study.json)
+    ... --study levers      # the batch, a learned curvature at 32 / 64 bits, 16 codewords at 16 bits
+    ... --study neighbours  # neighbour pairs (train.neighbours, train.neighbour_prob)
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -64,6 +66,8 @@ FIXED_C = ["quantizer.learn_curvature=false", "quantizer.curvature_keeps_scale=f
 NO_DROPOUT = ["projector.dropout=0"]
 # 50 epochs, as every study before the training study ran (the configs train by train.steps since)
 FIFTY_EPOCHS = ["train.epochs=50"]
+# the paper's pairs (two views of one image), as every study before the neighbours study ran
+NO_NEIGHBOURS = ["train.neighbours=0"]
 
 
 def default_candidates(bits: int) -> dict[str, list[str]]:
@@ -83,7 +87,10 @@ def default_candidates(bits: int) -> dict[str, list[str]]:
             "tau_qc=0.05M": [f"loss.tau_qc={0.05 * m:g}"],
             "tau=0.2,clip=0.8,tau_qc=0.1M": ["quantizer.tau=0.2", "quantizer.clip_r=0.8", f"loss.tau_qc={0.1 * m:g}"],
         }
-    return {name: [*AUTHORS[bits], *FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *over] for name, over in cands.items()}
+    return {
+        name: [*AUTHORS[bits], *FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *over]
+        for name, over in cands.items()
+    }
 
 
 def model_candidates(bits: int) -> dict[str, list[str]]:
@@ -102,7 +109,7 @@ def model_candidates(bits: int) -> dict[str, list[str]]:
         "linear projector": ["projector.kind=linear"],
         "codebooks from data": ["quantizer.init_from_data=true"],
     }
-    return {name: [*FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *over] for name, over in cands.items()}
+    return {name: [*FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *over] for name, over in cands.items()}
 
 
 def generalisation_candidates(bits: int) -> dict[str, list[str]]:
@@ -122,7 +129,7 @@ def generalisation_candidates(bits: int) -> dict[str, list[str]]:
         "25 epochs": ["train.epochs=25"],
         "cosine (full-euclidean)": ["quantizer.geometry=cosine", "quantizer.tau=0.1", f"loss.tau_qc={0.2 * m:g}"],
     }
-    return {name: [*NO_DROPOUT, *FIFTY_EPOCHS, *over] for name, over in cands.items()}
+    return {name: [*NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *over] for name, over in cands.items()}
 
 
 # The two (soft-assignment tau, clip radius) balls of the configs: narrow at 16 and 32 bits, wide at 64.
@@ -139,6 +146,7 @@ def _pinned(bits: int, tau_qc: float) -> list[str]:
         "quantizer.curvature_keeps_scale=true",
         "projector.dropout=0.2",
         *FIFTY_EPOCHS,
+        *NO_NEIGHBOURS,
     ]
 
 
@@ -219,6 +227,16 @@ def lever_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
+def neighbour_candidates(bits: int) -> dict[str, list[str]]:
+    """Neighbour pairs (``train.neighbours``, ours): the second view of a pair from one of the k nearest training
+    images in the backbone's feature space with probability p, around the configs as the levers study left them."""
+    pinned = [*_pinned_after_sharpness(bits), *(["train.steps=3000"] if bits == 16 else [])]
+    cands = {"defaults (3,000 steps at 16 bits)": []}
+    for k, p in [(10, 0.5), (5, 0.5), (20, 0.5), (5, 1.0), (5, 0.25)]:
+        cands[f"neighbours {k}, p {p}"] = [f"train.neighbours={k}", f"train.neighbour_prob={p}"]
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
 STUDIES = {
     "defaults": default_candidates,
     "model": model_candidates,
@@ -226,6 +244,7 @@ STUDIES = {
     "sharpness": sharpness_candidates,
     "training": training_candidates,
     "levers": lever_candidates,
+    "neighbours": neighbour_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: the studies made before the held-out sets existed; every later study runs on the held-out sets

@@ -73,6 +73,8 @@ def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
         cfg = load_config(f"cifar10-ii-{r['bits']}", [*over, f"seed={r['seed']}"]).to_dict()
         ran = r["config"]
         ran["train"].setdefault("steps", 0)  # recorded before train.steps existed
+        ran["train"].setdefault("neighbours", 0)  # ... and before neighbour pairs
+        ran["train"].setdefault("neighbour_prob", 0.5)
         for section in ("projector", "quantizer", "loss", "train"):
             assert cfg[section] == ran[section], (r["candidate"], section)
 

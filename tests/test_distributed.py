@@ -82,7 +82,8 @@ def setup(tmp_path_factory):
         data={"n_query": 12, "n_train": 48},
         features={"n_views": 2},
         projector={"kind": "linear", "dropout": 0.2},
-        train={"epochs": EPOCHS, "batch_size": 16, "lr": 0.005},
+        # neighbour pairs: every rank must draw the same pairs from the neighbours rank 0 found
+        train={"epochs": EPOCHS, "batch_size": 16, "lr": 0.005, "neighbours": 3},
     )
     one = tmp / "one"
     assert main(["train", str(config), "--out", str(one)]) == 0  # also fills the feature cache

@@ -131,6 +131,10 @@ class TrainConfig:
     min_lr: float = 1e-5
     curvature_lr_scale: float = 1.0  # curvature step = lr * this, when quantizer.learn_curvature
     backbone_lr_scale: float = 1.0  # step of the trainable backbone layers = lr * this (online training)
+    # > 0: neighbour pairs: with probability neighbour_prob the second view of a pair is a view of one of the
+    # image's `neighbours` nearest training images in the backbone's feature space (hihpq.neighbours); 0: the paper
+    neighbours: int = 0
+    neighbour_prob: float = 0.5
     device: str = "cpu"
     amp: str = "none"  # none | bf16 | fp16 autocast of backbone + projector (old booleans: false=none, true=bf16)
     num_threads: int | None = None
@@ -364,6 +368,8 @@ SCHEMA: dict[str, Spec] = {
     "train.min_lr": _NON_NEGATIVE,
     "train.curvature_lr_scale": _NON_NEGATIVE,
     "train.backbone_lr_scale": _NON_NEGATIVE,
+    "train.neighbours": _int(0),
+    "train.neighbour_prob": _float(0, 1),
     "train.device": _str(),
     "train.amp": _str("none", "bf16", "fp16"),
     "train.num_threads": _int(1, none=True),

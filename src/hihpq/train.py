@@ -26,6 +26,7 @@ from hihpq import distributed
 from hihpq.hierarchy import HierarchicalClustering
 from hihpq.losses import HiHPQLoss
 from hihpq.models.hihpq import HiHPQ
+from hihpq.neighbours import nearest_neighbours
 from hihpq.runinfo import atomic_path, write_json
 
 CHECKPOINT_VERSION = 2  # 2: optimizer groups per step scale (curvature, backbone)
@@ -265,6 +266,8 @@ class TrainSettings:
     min_lr: float = 1e-5
     curvature_lr_scale: float = 1.0
     backbone_lr_scale: float = 1.0
+    neighbours: int = 0  # > 0: neighbour pairs (hihpq.neighbours), the second view from one of k neighbours ...
+    neighbour_prob: float = 0.5  # ... with this probability
     levels: list[int] = field(default_factory=lambda: [100, 50, 25])
     n_subclusters: int | None = None
     hierarchy_warmup: int = 3
@@ -378,6 +381,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.hierarchy: Hierarchy | None = None
+        self.neighbours: np.ndarray | None = None  # (N, k) nearest training images, found once per run
         self.rng = np.random.default_rng(settings.seed)
         self.history: list[dict] = []
         self.dist = distributed.context()
@@ -415,6 +419,8 @@ class Trainer:
             # dropout in a trainable backbone draws from the CUDA generator on GPU: resume must restore it too
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "hierarchy": self.hierarchy.state() if self.hierarchy else None,
+            # found with the backbone as training started: a trainable one has moved since
+            "neighbours": torch.from_numpy(self.neighbours) if self.neighbours is not None else None,
             "history": self.history,
         }
 
@@ -434,6 +440,8 @@ class Trainer:
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.hierarchy = Hierarchy.from_state(state["hierarchy"]) if state["hierarchy"] else None
+        nbrs = state.get("neighbours")  # absent from checkpoints written before neighbour pairs
+        self.neighbours = nbrs.cpu().numpy() if nbrs is not None else None
         self.history = list(state["history"])
 
     def save_checkpoint(self, path: str | Path) -> None:
@@ -477,6 +485,11 @@ class Trainer:
                 f"hierarchy.levels {list(self.s.levels)} asks for more clusters than the {source.n} training "
                 "images; lower hierarchy.levels"
             )
+        if self.s.neighbours >= source.n:
+            raise ValueError(
+                f"train.neighbours={self.s.neighbours} asks for more neighbours than the {source.n} training images "
+                "hold (each has n - 1 others); lower train.neighbours"
+            )
         batch = min(self.s.batch_size, source.n)
         if batch % self.dist.world_size:
             raise ValueError(
@@ -486,6 +499,8 @@ class Trainer:
         n_batches = self.steps_per_epoch(source.n)
         epochs = self.n_epochs(source.n)
         total_steps = epochs * n_batches
+        if self.s.neighbours and self.neighbours is None:
+            self.neighbours = self._find_neighbours(source)
         while self.epoch < epochs:
             t0 = time.perf_counter()
             if self.model.quantizer.init_from_data and self.epoch == self.s.hierarchy_warmup:
@@ -554,10 +569,30 @@ class Trainer:
             q.codebook_tangent.copy_(distributed.broadcast_object(books))
         self.optimizer.state.pop(q.codebook_tangent, None)
 
+    def _find_neighbours(self, source: ViewSource) -> np.ndarray:
+        """The k nearest training images of every training image by cosine similarity of the backbone features
+        (the cached ones, or a trainable backbone's before training); every rank embeds its shard, all get rank 0's."""
+        self.model.eval()
+        backbone = self.model.backbone
+        lo, hi = distributed.shard_bounds(source.n, self.dist.world_size, self.dist.rank)
+        with torch.inference_mode():
+            feats = [(backbone(x.to(self.device)) if backbone is not None else x).flatten(1).float().cpu()
+                     for x in source.clean(1024, lo, hi)]  # fmt: skip
+        X = distributed.gather_arrays(torch.cat(feats).numpy())
+        found = nearest_neighbours(X, self.s.neighbours) if self.dist.is_main else None
+        return distributed.broadcast_object(found)
+
     def _plan_step(self, source: ViewSource, idx: np.ndarray) -> _StepPlan:
-        """The step's global batch and all its random draws: two views of ``idx``, then one view of a positive per
-        hierarchy level (the same draws, in the same order, on every rank)."""
-        requests = [(idx, source.draw(len(idx), 2, self.rng))]
+        """The step's global batch and all its random draws: two views of ``idx`` (with neighbour pairs the second
+        may be of a neighbour), then one view of a positive per hierarchy level (the same draws, in the same order,
+        on every rank)."""
+        draws = source.draw(len(idx), 2, self.rng)
+        if self.neighbours is None:
+            requests = [(idx, draws)]
+        else:  # the anchor's first view, and the second of a random one of its k neighbours, or its own
+            other = self.neighbours[idx, self.rng.integers(0, self.neighbours.shape[1], len(idx))]
+            other = np.where(self.rng.random(len(idx)) < self.s.neighbour_prob, other, idx)
+            requests = [(idx, draws[:, :1]), (other, draws[:, 1:])]
         positives: list[np.ndarray] = []
         if self.hierarchy is not None and self.loss.lambda2 > 0:
             positives = self.hierarchy.positives(idx, self.rng)
@@ -600,8 +635,8 @@ class Trainer:
         x = torch.cat(xs).to(self.device, non_blocking=True)
         finite = torch.isfinite(x).flatten(1).all(1)
         if not distributed.all_true(finite.all()):
-            local = [rows for rows, _ in self._local(plan.requests)]
-            rows = np.concatenate([local[0], *local])  # image of each row of x (the pair's two views first)
+            # image of each row of x: every request's rows once per view drawn
+            rows = np.concatenate([r for r, d in self._local(plan.requests) for _ in range(d.shape[1])])
             bad = np.unique(rows[~finite.cpu().numpy()])
             raise ValueError(
                 f"non-finite input features for training images {bad[:5].tolist()} "
