@@ -50,6 +50,8 @@ def test_cifar_ii_defaults_follow_the_defaults_study(bits):
     assert cfg.quantizer.learn_curvature == cfg.quantizer.curvature_keeps_scale == (bits == 16)
     # bench/results/generalisation_study.json: feature dropout 0.2 (held-out tuning sets; every config, below)
     assert cfg.projector.dropout == pytest.approx(0.2)
+    # bench/results/neighbours_study.json: neighbour pairs, 10 neighbours half the time (every bit length)
+    assert (cfg.train.neighbours, cfg.train.neighbour_prob) == (10, 0.5)
 
 
 def test_paper_setting_carries_authors_hyperparameters():

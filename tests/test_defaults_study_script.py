@@ -59,7 +59,7 @@ def test_sharpness_candidates_start_from_the_configs_as_they_were(study, bits):
     assert load_config(f"cifar10-ii-{bits}", cands["batch 256"]).train.batch_size == 2 * base.train.batch_size
 
 
-@pytest.mark.parametrize("name", ["sharpness", "training", "levers"])
+@pytest.mark.parametrize("name", ["sharpness", "training", "levers", "neighbours"])
 def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
     """Every record of bench/results/<name>_study.json was trained with the config its candidate gives now: the
     same head, quantizer, losses and training (length included: the configs train 16 bits by steps since the
@@ -80,15 +80,39 @@ def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
 
 
 @pytest.mark.parametrize("bits", [16, 32, 64])
-def test_levers_study_starts_from_todays_configs(study, bits):
-    """The levers study's reference is the configs as they are (3,000 steps at 16 bits, 50 epochs at 32 / 64):
-    when a default changes, its pinned reference must say what it ran with. Each lever changes what it names."""
+def test_neighbours_study_chose_todays_configs(study, bits):
+    """The neighbours study's reference is the configs as the levers study left them; its winner (10 neighbours,
+    half the time) is the configs as they are now: when a default changes, the pinned candidates must say what they
+    ran with. Each candidate changes only the neighbour pairs."""
+    cands = study.neighbour_candidates(bits)
+    args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
+    for set_name in study.HELD_OUT_SETS:
+        over = study.set_overrides(set_name, args)
+        ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
+        won = load_config(f"cifar10-ii-{bits}", [*over, *cands["neighbours 10, p 0.5"]]).to_dict()
+        today = load_config(f"cifar10-ii-{bits}", over).to_dict()
+        if not today["quantizer"]["learn_curvature"]:  # the pins keep the scale, which a fixed c = 1 never moves
+            today["quantizer"]["curvature_keeps_scale"] = ref["quantizer"]["curvature_keeps_scale"]
+        for section in ("projector", "quantizer", "loss", "train"):
+            assert won[section] == today[section], (set_name, section)
+        assert today["train"]["neighbours"] == 10 and ref["train"]["neighbours"] == 0
+        for name, cand in cands.items():
+            cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
+            cfg["train"].update(neighbours=0, neighbour_prob=0.5)
+            for section in ("projector", "quantizer", "loss", "train"):
+                assert cfg[section] == ref[section], (name, section)
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_levers_study_starts_from_the_configs_before_neighbour_pairs(study, bits):
+    """The levers study's reference is the configs as they were (3,000 steps at 16 bits, 50 epochs at 32 / 64, the
+    paper's pairs): today's configs but for the neighbour pairs. Each lever changes what it names."""
     cands = study.lever_candidates(bits)
     args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
     for set_name in study.HELD_OUT_SETS:
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
-        today = load_config(f"cifar10-ii-{bits}", over).to_dict()
+        today = load_config(f"cifar10-ii-{bits}", [*over, "train.neighbours=0"]).to_dict()
         if not today["quantizer"]["learn_curvature"]:  # the pins keep the scale, which a fixed c = 1 never moves
             today["quantizer"]["curvature_keeps_scale"] = ref["quantizer"]["curvature_keeps_scale"]
         for section in ("projector", "quantizer", "loss", "train"):

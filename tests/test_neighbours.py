@@ -80,9 +80,10 @@ def test_the_second_view_of_a_pair_is_a_neighbour_with_the_given_probability(tmp
 
 
 def test_without_neighbours_the_pair_is_two_views_of_one_image(tmp_path):
+    """train.neighbours=0: the paper's pairs (the configs' default is 10)."""
     clean, views = _features()
-    trainer = _trainer(tmp_path)
-    assert trainer.s.neighbours == 0
+    trainer = _trainer(tmp_path, "train.neighbours=0")
+    assert trainer.s.neighbours == 0 and trainer.neighbours is None
     (requests,) = trainer._plan_step(CachedViews(views, clean), np.arange(32)).requests
     assert requests[1].shape == (32, 2)
 
