@@ -177,6 +177,11 @@ def _pinned_after_sharpness(bits: int) -> list[str]:
     return _pinned(bits, TAU_QC_PER_M[bits] * (bits // 8))
 
 
+def _pinned_after_training(bits: int) -> list[str]:
+    """The configs as the training study left them (3,000 steps at 16 bits, 50 epochs at 32 / 64), pinned."""
+    return [*_pinned_after_sharpness(bits), *(["train.steps=3000"] if bits == 16 else [])]
+
+
 def _sixteen_codewords(bits: int) -> list[str]:
     """16 codewords per subspace: twice the subspaces for the same bits, tau_qc keeping its rate per subspace."""
     return ["quantizer.n_codewords=16", f"loss.tau_qc={TAU_QC_PER_M[bits] * 2 * (bits // 8):g}"]
@@ -211,7 +216,7 @@ def lever_candidates(bits: int) -> dict[str, list[str]]:
     50 epochs at 32 / 64): the batch (the sharpness study found 256 far worse than 128, so smaller?), a learned
     curvature at 32 / 64 bits with and without the longer training that made it pay at 16 bits, and 16 codewords
     per subspace with the 16-bit model's longer training."""
-    pinned = [*_pinned_after_sharpness(bits), *(["train.steps=3000"] if bits == 16 else [])]
+    pinned = _pinned_after_training(bits)
     learned = ["quantizer.learn_curvature=true", "quantizer.curvature_keeps_scale=true"]
     cands = {
         "defaults (3,000 steps at 16 bits)": [],
@@ -229,8 +234,9 @@ def lever_candidates(bits: int) -> dict[str, list[str]]:
 
 def neighbour_candidates(bits: int) -> dict[str, list[str]]:
     """Neighbour pairs (``train.neighbours``, ours): the second view of a pair from one of the k nearest training
-    images in the backbone's feature space with probability p, around the configs as the levers study left them."""
-    pinned = [*_pinned_after_sharpness(bits), *(["train.steps=3000"] if bits == 16 else [])]
+    images in the backbone's feature space with probability p, around the configs as the levers study left them
+    (the training study's: the levers changed no default)."""
+    pinned = _pinned_after_training(bits)
     cands = {"defaults (3,000 steps at 16 bits)": []}
     for k, p in [(10, 0.5), (5, 0.5), (20, 0.5), (5, 1.0), (5, 0.25)]:
         cands[f"neighbours {k}, p {p}"] = [f"train.neighbours={k}", f"train.neighbour_prob={p}"]

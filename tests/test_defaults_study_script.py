@@ -79,6 +79,15 @@ def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
             assert cfg[section] == ran[section], (r["candidate"], section)
 
 
+def _todays_config(bits: int, over: list[str], ref: dict) -> dict:
+    """The config of ``bits`` as it is now, as a dict; where c is fixed at 1 the pins' ``curvature_keeps_scale``
+    (which a fixed c never moves) is copied from ``ref``."""
+    today = load_config(f"cifar10-ii-{bits}", over).to_dict()
+    if not today["quantizer"]["learn_curvature"]:
+        today["quantizer"]["curvature_keeps_scale"] = ref["quantizer"]["curvature_keeps_scale"]
+    return today
+
+
 @pytest.mark.parametrize("bits", [16, 32, 64])
 def test_neighbours_study_chose_todays_configs(study, bits):
     """The neighbours study's reference is the configs as the levers study left them; its winner (10 neighbours,
@@ -90,9 +99,7 @@ def test_neighbours_study_chose_todays_configs(study, bits):
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
         won = load_config(f"cifar10-ii-{bits}", [*over, *cands["neighbours 10, p 0.5"]]).to_dict()
-        today = load_config(f"cifar10-ii-{bits}", over).to_dict()
-        if not today["quantizer"]["learn_curvature"]:  # the pins keep the scale, which a fixed c = 1 never moves
-            today["quantizer"]["curvature_keeps_scale"] = ref["quantizer"]["curvature_keeps_scale"]
+        today = _todays_config(bits, over, ref)
         for section in ("projector", "quantizer", "loss", "train"):
             assert won[section] == today[section], (set_name, section)
         assert today["train"]["neighbours"] == 10 and ref["train"]["neighbours"] == 0
@@ -112,9 +119,7 @@ def test_levers_study_starts_from_the_configs_before_neighbour_pairs(study, bits
     for set_name in study.HELD_OUT_SETS:
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
-        today = load_config(f"cifar10-ii-{bits}", [*over, "train.neighbours=0"]).to_dict()
-        if not today["quantizer"]["learn_curvature"]:  # the pins keep the scale, which a fixed c = 1 never moves
-            today["quantizer"]["curvature_keeps_scale"] = ref["quantizer"]["curvature_keeps_scale"]
+        today = _todays_config(bits, [*over, "train.neighbours=0"], ref)
         for section in ("projector", "quantizer", "loss", "train"):
             assert ref[section] == today[section], (set_name, section)
     base = load_config(f"cifar10-ii-{bits}", cands["defaults (3,000 steps at 16 bits)"])

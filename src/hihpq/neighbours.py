@@ -15,7 +15,7 @@ import torch
 def nearest_neighbours(feats: np.ndarray | torch.Tensor, k: int, chunk: int = 2048) -> np.ndarray:
     """(N, k) int64: for every row of ``feats`` (N, F) the k other rows of highest cosine similarity, most similar
     first. Rows are compared a chunk at a time, so memory is chunk x N whatever N."""
-    x = torch.as_tensor(np.asarray(feats, np.float32) if isinstance(feats, np.ndarray) else feats).float()
+    x = torch.as_tensor(feats).float()
     n = len(x)
     if not 0 < k < n:
         raise ValueError(f"need 0 < k < the number of rows ({n}) to find k other rows; got k={k}")

@@ -572,15 +572,20 @@ class Trainer:
     def _find_neighbours(self, source: ViewSource) -> np.ndarray:
         """The k nearest training images of every training image by cosine similarity of the backbone features
         (the cached ones, or a trainable backbone's before training); every rank embeds its shard, all get rank 0's."""
-        self.model.eval()
         backbone = self.model.backbone
-        lo, hi = distributed.shard_bounds(source.n, self.dist.world_size, self.dist.rank)
-        with torch.inference_mode():
-            feats = [(backbone(x.to(self.device)) if backbone is not None else x).flatten(1).float().cpu()
-                     for x in source.clean(1024, lo, hi)]  # fmt: skip
-        X = distributed.gather_arrays(torch.cat(feats).numpy())
+        X = self._embed_clean(source, lambda x: backbone(x) if backbone is not None else x)
         found = nearest_neighbours(X, self.s.neighbours) if self.dist.is_main else None
         return distributed.broadcast_object(found)
+
+    def _embed_clean(self, source: ViewSource, embed: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        """``embed`` of every clean training image (N, ...) flattened, in training-set order on every rank: each
+        rank embeds its shard in eval mode with rank 0's BatchNorm statistics, then all shards are gathered."""
+        self.model.eval()
+        distributed.broadcast_buffers(self.model)
+        lo, hi = distributed.shard_bounds(source.n, self.dist.world_size, self.dist.rank)
+        with torch.inference_mode():
+            feats = [embed(x.to(self.device)).flatten(1).float().cpu() for x in source.clean(1024, lo, hi)]
+        return distributed.gather_arrays(torch.cat(feats).numpy())
 
     def _plan_step(self, source: ViewSource, idx: np.ndarray) -> _StepPlan:
         """The step's global batch and all its random draws: two views of ``idx`` (with neighbour pairs the second
@@ -614,12 +619,7 @@ class Trainer:
         if (self.epoch - s.hierarchy_warmup) % s.hierarchy_interval:
             return 0.0
         t0 = time.perf_counter()
-        self.model.eval()
-        distributed.broadcast_buffers(self.model)  # every rank embeds with rank 0's BatchNorm statistics
-        lo, hi = distributed.shard_bounds(source.n, self.dist.world_size, self.dist.rank)
-        with torch.inference_mode():
-            feats = [self.model.tangent(x.to(self.device)).flatten(1).float().cpu() for x in source.clean(1024, lo, hi)]
-        X = distributed.gather_arrays(torch.cat(feats).numpy())
+        X = self._embed_clean(source, self.model.tangent)
         fitted = None
         if self.dist.is_main:  # fitted once; every rank then uses the very same prototypes and assignments
             hc = HierarchicalClustering(levels=tuple(s.levels), n_subclusters=s.n_subclusters, seed=s.seed + self.epoch)
