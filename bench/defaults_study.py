@@ -14,6 +14,7 @@
                         # on the held-out sets (bench/results/training_study.json)
     ... --study levers      # the batch, a learned curvature at 32 / 64 bits, 16 codewords at 16 bits
     ... --study neighbours  # neighbour pairs (train.neighbours, train.neighbour_prob)
+    ... --study refresh     # neighbour pairs found again in the model's embedding (train.neighbour_refresh)
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -243,6 +244,24 @@ def neighbour_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
+#: neighbour pairs as the neighbours study left them (the default since), pinned
+NEIGHBOURS_10 = ["train.neighbours=10", "train.neighbour_prob=0.5"]
+
+
+def refresh_candidates(bits: int) -> dict[str, list[str]]:
+    """Neighbour pairs found again in the model's own embedding at every hierarchy refresh
+    (``train.neighbour_refresh``): after the warm-up the model separates what the backbone confuses, so its
+    neighbours may be purer than the backbone's (Fashion-MNIST, where the backbone's features trail PCA+OPQ)."""
+    pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10]
+    cands = {
+        "defaults (neighbours 10, p 0.5)": [],
+        "refreshed": ["train.neighbour_refresh=true"],
+        "refreshed, p 0.75": ["train.neighbour_refresh=true", "train.neighbour_prob=0.75"],
+        "refreshed, 20 neighbours": ["train.neighbour_refresh=true", "train.neighbours=20"],
+    }
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
 STUDIES = {
     "defaults": default_candidates,
     "model": model_candidates,
@@ -251,6 +270,7 @@ STUDIES = {
     "training": training_candidates,
     "levers": lever_candidates,
     "neighbours": neighbour_candidates,
+    "refresh": refresh_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: the studies made before the held-out sets existed; every later study runs on the held-out sets

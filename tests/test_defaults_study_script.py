@@ -75,6 +75,7 @@ def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
         ran["train"].setdefault("steps", 0)  # recorded before train.steps existed
         ran["train"].setdefault("neighbours", 0)  # ... and before neighbour pairs
         ran["train"].setdefault("neighbour_prob", 0.5)
+        ran["train"].setdefault("neighbour_refresh", False)  # ... and before refreshed neighbours
         for section in ("projector", "quantizer", "loss", "train"):
             assert cfg[section] == ran[section], (r["candidate"], section)
 
@@ -106,6 +107,26 @@ def test_neighbours_study_chose_todays_configs(study, bits):
         for name, cand in cands.items():
             cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
             cfg["train"].update(neighbours=0, neighbour_prob=0.5)
+            for section in ("projector", "quantizer", "loss", "train"):
+                assert cfg[section] == ref[section], (name, section)
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_refresh_study_starts_from_todays_configs(study, bits):
+    """The refresh study's reference is the configs as they are now (neighbour pairs from the backbone, pinned);
+    each candidate changes only the neighbour pairs, and all but the reference refresh them."""
+    cands = study.refresh_candidates(bits)
+    args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
+    for set_name in study.HELD_OUT_SETS:
+        over = study.set_overrides(set_name, args)
+        ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (neighbours 10, p 0.5)"]]).to_dict()
+        today = _todays_config(bits, over, ref)
+        for section in ("projector", "quantizer", "loss", "train"):
+            assert ref[section] == today[section], (set_name, section)
+        for name, cand in cands.items():
+            cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
+            assert cfg["train"]["neighbour_refresh"] == (name != "defaults (neighbours 10, p 0.5)"), name
+            cfg["train"].update(neighbours=10, neighbour_prob=0.5, neighbour_refresh=False)
             for section in ("projector", "quantizer", "loss", "train"):
                 assert cfg[section] == ref[section], (name, section)
 

@@ -71,6 +71,7 @@ def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
         backbone_lr_scale=t.backbone_lr_scale,
         neighbours=t.neighbours,
         neighbour_prob=t.neighbour_prob,
+        neighbour_refresh=t.neighbour_refresh,
         levels=list(h.levels),
         n_subclusters=h.n_subclusters,
         hierarchy_warmup=h.warmup_epochs,
