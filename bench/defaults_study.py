@@ -15,6 +15,7 @@
     ... --study levers      # the batch, a learned curvature at 32 / 64 bits, 16 codewords at 16 bits
     ... --study neighbours  # neighbour pairs (train.neighbours, train.neighbour_prob)
     ... --study refresh     # neighbour pairs found again in the model's embedding (train.neighbour_refresh)
+    ... --study weights     # the hierarchy losses' weights with neighbour pairs
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -262,6 +263,20 @@ def refresh_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
+def weight_candidates(bits: int) -> dict[str, list[str]]:
+    """The hierarchy losses' weights again now that neighbour pairs already pull similar images together (the
+    training study chose them with the paper's pairs): each loss alone, the instance-wise one at the paper's
+    Instance weight."""
+    pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10]
+    cands = {
+        "defaults (neighbours 10, p 0.5)": [],
+        "prototype loss only (lambda2 0)": ["loss.lambda2=0"],
+        "Instance weights (lambda1 0, lambda2 1)": ["loss.lambda1=0", "loss.lambda2=1"],
+        "lambda2 1": ["loss.lambda2=1"],
+    }
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
 STUDIES = {
     "defaults": default_candidates,
     "model": model_candidates,
@@ -271,6 +286,7 @@ STUDIES = {
     "levers": lever_candidates,
     "neighbours": neighbour_candidates,
     "refresh": refresh_candidates,
+    "weights": weight_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: the studies made before the held-out sets existed; every later study runs on the held-out sets

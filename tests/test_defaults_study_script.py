@@ -111,11 +111,19 @@ def test_neighbours_study_chose_todays_configs(study, bits):
                 assert cfg[section] == ref[section], (name, section)
 
 
+#: study -> (the fields its candidates vary, with today's values)
+SECOND_ROUND = {
+    "refresh": {"train": {"neighbours": 10, "neighbour_prob": 0.5, "neighbour_refresh": False}},
+    "weights": {"loss": {"lambda1": 1.0, "lambda2": 0.1}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECOND_ROUND))
 @pytest.mark.parametrize("bits", [16, 32, 64])
-def test_refresh_study_starts_from_todays_configs(study, bits):
-    """The refresh study's reference is the configs as they are now (neighbour pairs from the backbone, pinned);
-    each candidate changes only the neighbour pairs, and all but the reference refresh them."""
-    cands = study.refresh_candidates(bits)
+def test_second_round_studies_start_from_todays_configs(study, name, bits):
+    """The refresh and weights studies' reference is the configs as they are now (neighbour pairs pinned); each
+    candidate changes only the fields its study is about, and every other candidate changes one of them."""
+    cands = study.STUDIES[name](bits)
     args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
     for set_name in study.HELD_OUT_SETS:
         over = study.set_overrides(set_name, args)
@@ -123,12 +131,14 @@ def test_refresh_study_starts_from_todays_configs(study, bits):
         today = _todays_config(bits, over, ref)
         for section in ("projector", "quantizer", "loss", "train"):
             assert ref[section] == today[section], (set_name, section)
-        for name, cand in cands.items():
+        for cand_name, cand in cands.items():
             cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
-            assert cfg["train"]["neighbour_refresh"] == (name != "defaults (neighbours 10, p 0.5)"), name
-            cfg["train"].update(neighbours=10, neighbour_prob=0.5, neighbour_refresh=False)
+            varied = {sec: {k: cfg[sec][k] for k in vals} for sec, vals in SECOND_ROUND[name].items()}
+            assert (varied == SECOND_ROUND[name]) == cand_name.startswith("defaults"), cand_name
+            for sec, vals in SECOND_ROUND[name].items():
+                cfg[sec].update(vals)
             for section in ("projector", "quantizer", "loss", "train"):
-                assert cfg[section] == ref[section], (name, section)
+                assert cfg[section] == ref[section], (cand_name, section)
 
 
 @pytest.mark.parametrize("bits", [16, 32, 64])
