@@ -138,6 +138,9 @@ class TrainConfig:
     # true: from the hierarchy warm-up on, the neighbours are found again at every hierarchy refresh, in the
     # model's own embedding (the one the hierarchy clusters) instead of the backbone's features
     neighbour_refresh: bool = False
+    # true: from the hierarchy warm-up on, at every hierarchy refresh, codewords no training image uses are moved
+    # onto training images' embeddings (a codebook that uses a few of its K codewords ranks ties, not images)
+    reseed_codewords: bool = False
     device: str = "cpu"
     amp: str = "none"  # none | bf16 | fp16 autocast of backbone + projector (old booleans: false=none, true=bf16)
     num_threads: int | None = None
@@ -374,6 +377,7 @@ SCHEMA: dict[str, Spec] = {
     "train.neighbours": _int(0),
     "train.neighbour_prob": _float(0, 1),
     "train.neighbour_refresh": Spec("bool"),
+    "train.reseed_codewords": Spec("bool"),
     "train.device": _str(),
     "train.amp": _str("none", "bf16", "fp16"),
     "train.num_threads": _int(1, none=True),

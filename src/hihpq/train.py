@@ -269,6 +269,7 @@ class TrainSettings:
     neighbours: int = 0  # > 0: neighbour pairs (hihpq.neighbours), the second view from one of k neighbours ...
     neighbour_prob: float = 0.5  # ... with this probability
     neighbour_refresh: bool = False  # re-found in the model's embedding at every hierarchy refresh
+    reseed_codewords: bool = False  # unused codewords moved onto training embeddings at every hierarchy refresh
     levels: list[int] = field(default_factory=lambda: [100, 50, 25])
     n_subclusters: int | None = None
     hierarchy_warmup: int = 3
@@ -570,6 +571,22 @@ class Trainer:
             q.codebook_tangent.copy_(distributed.broadcast_object(books))
         self.optimizer.state.pop(q.codebook_tangent, None)
 
+    def _reseed_codewords(self, X: np.ndarray) -> None:
+        """Codewords no training image uses moved onto random training embeddings ``X`` (the gathered tangent
+        vectors), their momentum cleared; rank 0 chooses, every rank copies its codebooks."""
+        q = self.model.quantizer
+        books = None
+        if self.dist.is_main:
+            gen = torch.Generator().manual_seed(self.s.seed + self.epoch)
+            moved = q.reseed_dead_codewords(torch.from_numpy(X).to(q.codebook_tangent.device), generator=gen)
+            books = (q.codebook_tangent.detach().cpu(), moved)
+        tangent, moved = distributed.broadcast_object(books)
+        with torch.no_grad():
+            q.codebook_tangent.copy_(tangent)
+        buf = self.optimizer.state.get(q.codebook_tangent, {}).get("momentum_buffer")
+        if buf is not None:
+            buf[moved.to(buf.device)] = 0
+
     def _find_neighbours(self, source: ViewSource) -> np.ndarray:
         """The k nearest training images of every training image by cosine similarity of the backbone features
         (the cached ones, or a trainable backbone's before training); every rank embeds its shard, all get rank 0's."""
@@ -623,12 +640,14 @@ class Trainer:
             return 0.0
         cluster = bool(s.levels) and (self.loss.lambda1 > 0 or self.loss.lambda2 > 0)
         renew = s.neighbours > 0 and s.neighbour_refresh
-        if not (cluster or renew):
+        if not (cluster or renew or s.reseed_codewords):
             return 0.0
         t0 = time.perf_counter()
         X = self._embed_clean(source, self.model.tangent)
         if renew:
             self.neighbours = self._neighbours_of(X)
+        if s.reseed_codewords:
+            self._reseed_codewords(X)
         if not cluster:
             return time.perf_counter() - t0
         fitted = None
