@@ -14,6 +14,9 @@
                         # on the held-out sets (bench/results/training_study.json)
     ... --study levers      # the batch, a learned curvature at 32 / 64 bits, 16 codewords at 16 bits
     ... --study neighbours  # neighbour pairs (train.neighbours, train.neighbour_prob)
+    ... --study refresh     # neighbour pairs found again in the model's embedding (train.neighbour_refresh)
+    ... --study weights     # the hierarchy losses' weights with neighbour pairs
+    ... --study codes       # the codes' use of their space (c fixed at 1, re-seeded dead codewords)
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -243,6 +246,53 @@ def neighbour_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
+#: neighbour pairs as the neighbours study left them (the default since), pinned
+NEIGHBOURS_10 = ["train.neighbours=10", "train.neighbour_prob=0.5"]
+
+
+def refresh_candidates(bits: int) -> dict[str, list[str]]:
+    """Neighbour pairs found again in the model's own embedding at every hierarchy refresh
+    (``train.neighbour_refresh``): after the warm-up the model separates what the backbone confuses, so its
+    neighbours may be purer than the backbone's (Fashion-MNIST, where the backbone's features trail PCA+OPQ)."""
+    pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10]
+    cands = {
+        "defaults (neighbours 10, p 0.5)": [],
+        "refreshed": ["train.neighbour_refresh=true"],
+        "refreshed, p 0.75": ["train.neighbour_refresh=true", "train.neighbour_prob=0.75"],
+        "refreshed, 20 neighbours": ["train.neighbour_refresh=true", "train.neighbours=20"],
+    }
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
+def weight_candidates(bits: int) -> dict[str, list[str]]:
+    """The hierarchy losses' weights again now that neighbour pairs already pull similar images together (the
+    training study chose them with the paper's pairs): each loss alone, the instance-wise one at the paper's
+    Instance weight."""
+    pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10]
+    cands = {
+        "defaults (neighbours 10, p 0.5)": [],
+        "prototype loss only (lambda2 0)": ["loss.lambda2=0"],
+        "Instance weights (lambda1 0, lambda2 1)": ["loss.lambda1=0", "loss.lambda2=1"],
+        "lambda2 1": ["loss.lambda2=1"],
+    }
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
+def code_candidates(bits: int) -> dict[str, list[str]]:
+    """The codes' use of their space. At 16 bits the learned curvature runs to c ~ 9 and the codes use ~28 of 256
+    codewords per subspace (held-out fashion-10pct, seed 1: 305 distinct codes for 20,000 images, the query's
+    own cell ~280 images that tie): c fixed at 1 as at 32 / 64 bits, and dead codewords re-seeded from the data
+    at every hierarchy refresh (``train.reseed_codewords``)."""
+    pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10]
+    cands = {
+        "defaults (neighbours 10, p 0.5)": [],
+        "c fixed at 1": FIXED_C,
+        "re-seeded codewords": ["train.reseed_codewords=true"],
+        "c fixed at 1, re-seeded codewords": [*FIXED_C, "train.reseed_codewords=true"],
+    }
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
 STUDIES = {
     "defaults": default_candidates,
     "model": model_candidates,
@@ -251,6 +301,9 @@ STUDIES = {
     "training": training_candidates,
     "levers": lever_candidates,
     "neighbours": neighbour_candidates,
+    "refresh": refresh_candidates,
+    "weights": weight_candidates,
+    "codes": code_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: the studies made before the held-out sets existed; every later study runs on the held-out sets
@@ -370,7 +423,8 @@ def main() -> None:
                 value = float(scores[f"map_at_{cfg.eval.topk}"])
                 print(
                     f"{bits:>3} bits  {name:<30} {set_name:<12} mAP@{cfg.eval.topk} {100 * value:6.2f}  "
-                    f"c {scores['history'][-1]['curvature']}  ({scores['wall_s']:.0f} s)",
+                    f"c {scores['history'][-1]['curvature']}  codewords used {scores['codewords_used']}, "
+                    f"{scores['distinct_codes']} codes  ({scores['wall_s']:.0f} s)",
                     flush=True,
                 )
                 records.append(
@@ -383,6 +437,8 @@ def main() -> None:
                         tuning_set=set_name,
                         map=round(value, 6),
                         curvature=[round(c, 4) for c in scores["history"][-1]["curvature"]],
+                        codewords_used=scores["codewords_used"],
+                        distinct_codes=scores["distinct_codes"],
                         wall_s=round(scores["wall_s"], 1),
                     )
                 )

@@ -75,6 +75,7 @@ def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
         ran["train"].setdefault("steps", 0)  # recorded before train.steps existed
         ran["train"].setdefault("neighbours", 0)  # ... and before neighbour pairs
         ran["train"].setdefault("neighbour_prob", 0.5)
+        ran["train"].setdefault("neighbour_refresh", False)  # ... and before refreshed neighbours
         for section in ("projector", "quantizer", "loss", "train"):
             assert cfg[section] == ran[section], (r["candidate"], section)
 
@@ -108,6 +109,36 @@ def test_neighbours_study_chose_todays_configs(study, bits):
             cfg["train"].update(neighbours=0, neighbour_prob=0.5)
             for section in ("projector", "quantizer", "loss", "train"):
                 assert cfg[section] == ref[section], (name, section)
+
+
+#: study -> (the fields its candidates vary, with today's values)
+SECOND_ROUND = {
+    "refresh": {"train": {"neighbours": 10, "neighbour_prob": 0.5, "neighbour_refresh": False}},
+    "weights": {"loss": {"lambda1": 1.0, "lambda2": 0.1}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECOND_ROUND))
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_second_round_studies_start_from_todays_configs(study, name, bits):
+    """The refresh and weights studies' reference is the configs as they are now (neighbour pairs pinned); each
+    candidate changes only the fields its study is about, and every other candidate changes one of them."""
+    cands = study.STUDIES[name](bits)
+    args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
+    for set_name in study.HELD_OUT_SETS:
+        over = study.set_overrides(set_name, args)
+        ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (neighbours 10, p 0.5)"]]).to_dict()
+        today = _todays_config(bits, over, ref)
+        for section in ("projector", "quantizer", "loss", "train"):
+            assert ref[section] == today[section], (set_name, section)
+        for cand_name, cand in cands.items():
+            cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
+            varied = {sec: {k: cfg[sec][k] for k in vals} for sec, vals in SECOND_ROUND[name].items()}
+            assert (varied == SECOND_ROUND[name]) == cand_name.startswith("defaults"), cand_name
+            for sec, vals in SECOND_ROUND[name].items():
+                cfg[sec].update(vals)
+            for section in ("projector", "quantizer", "loss", "train"):
+                assert cfg[section] == ref[section], (cand_name, section)
 
 
 @pytest.mark.parametrize("bits", [16, 32, 64])

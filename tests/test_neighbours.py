@@ -109,7 +109,64 @@ def test_more_neighbours_than_training_images_is_refused_before_training(tmp_pat
     assert trainer.step == 0
 
 
-@pytest.mark.parametrize("override", ["train.neighbours=-1", "train.neighbour_prob=1.5"])
+@pytest.mark.parametrize("override", ["train.neighbours=-1", "train.neighbour_prob=1.5", "train.neighbour_refresh=2"])
 def test_impossible_neighbour_settings_are_config_errors(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         tiny_head_config(override)
+
+
+def _model_neighbours(trainer, clean, k):
+    """The k-NN table of the model's own embedding of the clean features, computed here from scratch."""
+    trainer.model.eval()
+    with torch.no_grad():
+        x = trainer.model.tangent(torch.from_numpy(clean.astype(np.float32))).flatten(1).numpy()
+    return nearest_neighbours(x, k)
+
+
+@pytest.mark.parametrize("losses", [[], ["loss.lambda1=0", "loss.lambda2=0"]])  # full model; Vanilla (no hierarchy)
+def test_refreshed_neighbours_are_found_again_in_the_models_embedding_from_the_warm_up_on(tmp_path, losses):
+    clean, views = _features()
+    source = CachedViews(views, clean)
+    trainer = _trainer(tmp_path, "train.neighbours=3", "train.neighbour_refresh=true", *losses)
+    backbone_nn = trainer._find_neighbours(source)
+    trainer.neighbours = backbone_nn.copy()
+    trainer._refresh_hierarchy(source)  # epoch 0 < hierarchy.warmup_epochs = 1: nothing changes yet
+    np.testing.assert_array_equal(trainer.neighbours, backbone_nn)
+    trainer.epoch = 1
+    trainer._refresh_hierarchy(source)
+    expected = _model_neighbours(trainer, clean, 3)
+    np.testing.assert_array_equal(trainer.neighbours, expected)
+    assert (expected != backbone_nn).any()  # the test can tell the two tables apart
+    assert (trainer.hierarchy is None) == bool(losses)  # Vanilla renews its neighbours without clustering
+
+
+def test_without_refresh_the_neighbours_stay_the_backbones(tmp_path):
+    clean, views = _features()
+    trainer = _trainer(tmp_path, "train.neighbours=3", "train.epochs=3")
+    trainer.fit(CachedViews(views, clean))
+    np.testing.assert_array_equal(trainer.neighbours, nearest_neighbours(clean.astype(np.float32), 3))
+    assert trainer.hierarchy is not None  # the hierarchy was refreshed meanwhile
+
+
+def test_a_refreshed_run_resumes_to_the_same_model_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    clean, views = _features()
+    opts = ["train.neighbours=3", "train.neighbour_refresh=true", "train.epochs=3"]
+    whole = _trainer(tmp_path, *opts, out_dir=tmp_path / "whole")
+    whole.fit(CachedViews(views, clean))
+    original = Trainer._train_step
+
+    def interrupt_in_epoch_3(self, *args):
+        if self.epoch == 2:  # after two refreshes (epochs 2 and 3 start with one): Ctrl-C
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path, *opts, out_dir=tmp_path / "part").fit(CachedViews(views, clean))
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    rest = _trainer(tmp_path, *opts, out_dir=tmp_path / "part")
+    rest.fit(CachedViews(views, clean), resume=True)
+    np.testing.assert_array_equal(rest.neighbours, whole.neighbours)
+    assert not np.array_equal(whole.neighbours, nearest_neighbours(clean.astype(np.float32), 3))
+    for a, b in zip(rest.model.state_dict().values(), whole.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -135,6 +135,12 @@ class TrainConfig:
     # image's `neighbours` nearest training images in the backbone's feature space (hihpq.neighbours); 0: the paper
     neighbours: int = 0
     neighbour_prob: float = 0.5
+    # true: from the hierarchy warm-up on, the neighbours are found again at every hierarchy refresh, in the
+    # model's own embedding (the one the hierarchy clusters) instead of the backbone's features
+    neighbour_refresh: bool = False
+    # true: from the hierarchy warm-up on, at every hierarchy refresh, codewords no training image uses are moved
+    # onto training images' embeddings (a codebook that uses a few of its K codewords ranks ties, not images)
+    reseed_codewords: bool = False
     device: str = "cpu"
     amp: str = "none"  # none | bf16 | fp16 autocast of backbone + projector (old booleans: false=none, true=bf16)
     num_threads: int | None = None
@@ -370,6 +376,8 @@ SCHEMA: dict[str, Spec] = {
     "train.backbone_lr_scale": _NON_NEGATIVE,
     "train.neighbours": _int(0),
     "train.neighbour_prob": _float(0, 1),
+    "train.neighbour_refresh": Spec("bool"),
+    "train.reseed_codewords": Spec("bool"),
     "train.device": _str(),
     "train.amp": _str("none", "bf16", "fp16"),
     "train.num_threads": _int(1, none=True),

@@ -129,7 +129,18 @@ def rank_embedded(model: HiHPQ, q_emb, db_emb, topk: int, metric: str = "adc", t
     t1 = time.perf_counter()
     _, ranked = index.search(q_emb, topk)
     info = {"encode_s": t1 - t0, "search_s": time.perf_counter() - t1, "n_query": len(q_emb), "n_db": len(db_emb)}
+    info.update(code_usage(index.codes))
     return ranked, info, index
+
+
+def code_usage(codes: np.ndarray) -> dict[str, Any]:
+    """How much of the code space a database fills: codewords used per subspace and distinct codes. Few of
+    them mean large cells whose items tie at one distance from every query (ranked by id, not by similarity)."""
+    codes = np.asarray(codes)
+    return {
+        "codewords_used": [len(np.unique(codes[:, m])) for m in range(codes.shape[1])],
+        "distinct_codes": len(np.unique(codes, axis=0)) if len(codes) else 0,
+    }
 
 
 def evaluate_model(model: HiHPQ, query_feats, db_feats, query_labels, db_labels, topk: int, metric: str = "adc"):

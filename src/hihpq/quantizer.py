@@ -313,6 +313,31 @@ class ProductQuantizer(nn.Module):
         self.codebook_tangent.copy_(C.to(self.codebook_tangent.dtype))
         return counts
 
+    @torch.no_grad()
+    def reseed_dead_codewords(self, features: torch.Tensor, *, generator: torch.Generator | None = None):
+        """Move every codeword that no row of ``features`` is assigned to onto the embedding of a random row
+        (distinct rows per subspace), so that the codes spread over the data instead of a few cells.
+
+        features: (N, M*D) or (N, M, D) as :meth:`init_codebooks_from_data`. Returns the (M, K) bool mask of the
+        codewords moved (rows are drawn on the CPU with ``generator``: the same on every device).
+        """
+        v = self.tangent(features)
+        if self.geometry == "cosine":
+            v = self.geo.proj(v)
+        codes = self.assign(self.embed(features))
+        N, M, K = v.shape[0], self.n_subspaces, self.n_codewords
+        used = torch.zeros(M, K, dtype=torch.bool)
+        used[torch.arange(M)[None, :].expand(N, M), codes.long().cpu()] = True
+        dead = ~used
+        for m in range(M):
+            n_dead = int(dead[m].sum())
+            if n_dead:
+                rows = torch.randperm(N, generator=generator)[: min(n_dead, N)]
+                cols = dead[m].nonzero().flatten()[: len(rows)]
+                self.codebook_tangent[m, cols.to(self.codebook_tangent.device)] = v[rows, m].to(self.codebook_tangent)
+                dead[m, dead[m].nonzero().flatten()[len(rows) :]] = False  # more dead codewords than rows: kept
+        return dead
+
     # ------------------------------------------------------------------------------------------------------
     # Validation
     # ------------------------------------------------------------------------------------------------------

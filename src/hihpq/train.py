@@ -268,6 +268,8 @@ class TrainSettings:
     backbone_lr_scale: float = 1.0
     neighbours: int = 0  # > 0: neighbour pairs (hihpq.neighbours), the second view from one of k neighbours ...
     neighbour_prob: float = 0.5  # ... with this probability
+    neighbour_refresh: bool = False  # re-found in the model's embedding at every hierarchy refresh
+    reseed_codewords: bool = False  # unused codewords moved onto training embeddings at every hierarchy refresh
     levels: list[int] = field(default_factory=lambda: [100, 50, 25])
     n_subclusters: int | None = None
     hierarchy_warmup: int = 3
@@ -381,7 +383,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.hierarchy: Hierarchy | None = None
-        self.neighbours: np.ndarray | None = None  # (N, k) nearest training images, found once per run
+        self.neighbours: np.ndarray | None = None  # (N, k) nearest training images (once, or per refresh)
         self.rng = np.random.default_rng(settings.seed)
         self.history: list[dict] = []
         self.dist = distributed.context()
@@ -569,11 +571,30 @@ class Trainer:
             q.codebook_tangent.copy_(distributed.broadcast_object(books))
         self.optimizer.state.pop(q.codebook_tangent, None)
 
+    def _reseed_codewords(self, X: np.ndarray) -> None:
+        """Codewords no training image uses moved onto random training embeddings ``X`` (the gathered tangent
+        vectors), their momentum cleared; rank 0 chooses, every rank copies its codebooks."""
+        q = self.model.quantizer
+        books = None
+        if self.dist.is_main:
+            gen = torch.Generator().manual_seed(self.s.seed + self.epoch)
+            moved = q.reseed_dead_codewords(torch.from_numpy(X).to(q.codebook_tangent.device), generator=gen)
+            books = (q.codebook_tangent.detach().cpu(), moved)
+        tangent, moved = distributed.broadcast_object(books)
+        with torch.no_grad():
+            q.codebook_tangent.copy_(tangent)
+        buf = self.optimizer.state.get(q.codebook_tangent, {}).get("momentum_buffer")
+        if buf is not None:
+            buf[moved.to(buf.device)] = 0
+
     def _find_neighbours(self, source: ViewSource) -> np.ndarray:
         """The k nearest training images of every training image by cosine similarity of the backbone features
         (the cached ones, or a trainable backbone's before training); every rank embeds its shard, all get rank 0's."""
         backbone = self.model.backbone
-        X = self._embed_clean(source, lambda x: backbone(x) if backbone is not None else x)
+        return self._neighbours_of(self._embed_clean(source, lambda x: backbone(x) if backbone is not None else x))
+
+    def _neighbours_of(self, X: np.ndarray) -> np.ndarray:
+        """Rank 0's k-NN table of the gathered embeddings ``X``, the same on every rank."""
         found = nearest_neighbours(X, self.s.neighbours) if self.dist.is_main else None
         return distributed.broadcast_object(found)
 
@@ -612,14 +633,23 @@ class Trainer:
         return [(rows[lo:hi], draws[lo:hi]) for rows, draws in requests]
 
     def _refresh_hierarchy(self, source: ViewSource) -> float:
+        """From the warm-up on, every ``hierarchy_interval`` epochs: the hierarchy clustered again in the model's
+        embedding and, with ``neighbour_refresh``, the neighbour pairs found again in it. Returns the seconds taken."""
         s = self.s
-        lam = self.loss.lambda1 > 0 or self.loss.lambda2 > 0
-        if not lam or not s.levels or self.epoch < s.hierarchy_warmup:
+        if self.epoch < s.hierarchy_warmup or (self.epoch - s.hierarchy_warmup) % s.hierarchy_interval:
             return 0.0
-        if (self.epoch - s.hierarchy_warmup) % s.hierarchy_interval:
+        cluster = bool(s.levels) and (self.loss.lambda1 > 0 or self.loss.lambda2 > 0)
+        renew = s.neighbours > 0 and s.neighbour_refresh
+        if not (cluster or renew or s.reseed_codewords):
             return 0.0
         t0 = time.perf_counter()
         X = self._embed_clean(source, self.model.tangent)
+        if renew:
+            self.neighbours = self._neighbours_of(X)
+        if s.reseed_codewords:
+            self._reseed_codewords(X)
+        if not cluster:
+            return time.perf_counter() - t0
         fitted = None
         if self.dist.is_main:  # fitted once; every rank then uses the very same prototypes and assignments
             hc = HierarchicalClustering(levels=tuple(s.levels), n_subclusters=s.n_subclusters, seed=s.seed + self.epoch)
