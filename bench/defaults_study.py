@@ -71,6 +71,8 @@ NO_DROPOUT = ["projector.dropout=0"]
 FIFTY_EPOCHS = ["train.epochs=50"]
 # the paper's pairs (two views of one image), as every study before the neighbours study ran
 NO_NEIGHBOURS = ["train.neighbours=0"]
+# no re-seeded codewords, as every study before the codes study ran (the 16-bit default since)
+NO_RESEED = ["train.reseed_codewords=false"]
 
 
 def default_candidates(bits: int) -> dict[str, list[str]]:
@@ -91,7 +93,7 @@ def default_candidates(bits: int) -> dict[str, list[str]]:
             "tau=0.2,clip=0.8,tau_qc=0.1M": ["quantizer.tau=0.2", "quantizer.clip_r=0.8", f"loss.tau_qc={0.1 * m:g}"],
         }
     return {
-        name: [*AUTHORS[bits], *FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *over]
+        name: [*AUTHORS[bits], *FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *over]
         for name, over in cands.items()
     }
 
@@ -112,7 +114,9 @@ def model_candidates(bits: int) -> dict[str, list[str]]:
         "linear projector": ["projector.kind=linear"],
         "codebooks from data": ["quantizer.init_from_data=true"],
     }
-    return {name: [*FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *over] for name, over in cands.items()}
+    return {
+        name: [*FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *over] for name, over in cands.items()
+    }
 
 
 def generalisation_candidates(bits: int) -> dict[str, list[str]]:
@@ -132,7 +136,7 @@ def generalisation_candidates(bits: int) -> dict[str, list[str]]:
         "25 epochs": ["train.epochs=25"],
         "cosine (full-euclidean)": ["quantizer.geometry=cosine", "quantizer.tau=0.1", f"loss.tau_qc={0.2 * m:g}"],
     }
-    return {name: [*NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *over] for name, over in cands.items()}
+    return {name: [*NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *over] for name, over in cands.items()}
 
 
 # The two (soft-assignment tau, clip radius) balls of the configs: narrow at 16 and 32 bits, wide at 64.
@@ -150,6 +154,7 @@ def _pinned(bits: int, tau_qc: float) -> list[str]:
         "projector.dropout=0.2",
         *FIFTY_EPOCHS,
         *NO_NEIGHBOURS,
+        *NO_RESEED,
     ]
 
 
@@ -284,12 +289,10 @@ def code_candidates(bits: int) -> dict[str, list[str]]:
     own cell ~280 images that tie): c fixed at 1 as at 32 / 64 bits, and dead codewords re-seeded from the data
     at every hierarchy refresh (``train.reseed_codewords``)."""
     pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10]
-    cands = {
-        "defaults (neighbours 10, p 0.5)": [],
-        "c fixed at 1": FIXED_C,
-        "re-seeded codewords": ["train.reseed_codewords=true"],
-        "c fixed at 1, re-seeded codewords": [*FIXED_C, "train.reseed_codewords=true"],
-    }
+    cands = {"defaults (neighbours 10, p 0.5)": [], "re-seeded codewords": ["train.reseed_codewords=true"]}
+    if bits == 16:  # (32 and 64 bits fix c at 1 already)
+        cands["c fixed at 1"] = FIXED_C
+        cands["c fixed at 1, re-seeded codewords"] = [*FIXED_C, "train.reseed_codewords=true"]
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 

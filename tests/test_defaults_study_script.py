@@ -59,7 +59,7 @@ def test_sharpness_candidates_start_from_the_configs_as_they_were(study, bits):
     assert load_config(f"cifar10-ii-{bits}", cands["batch 256"]).train.batch_size == 2 * base.train.batch_size
 
 
-@pytest.mark.parametrize("name", ["sharpness", "training", "levers", "neighbours"])
+@pytest.mark.parametrize("name", ["sharpness", "training", "levers", "neighbours", "refresh", "weights", "codes"])
 def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
     """Every record of bench/results/<name>_study.json was trained with the config its candidate gives now: the
     same head, quantizer, losses and training (length included: the configs train 16 bits by steps since the
@@ -76,6 +76,7 @@ def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
         ran["train"].setdefault("neighbours", 0)  # ... and before neighbour pairs
         ran["train"].setdefault("neighbour_prob", 0.5)
         ran["train"].setdefault("neighbour_refresh", False)  # ... and before refreshed neighbours
+        ran["train"].setdefault("reseed_codewords", False)  # ... and before re-seeded codewords
         for section in ("projector", "quantizer", "loss", "train"):
             assert cfg[section] == ran[section], (r["candidate"], section)
 
@@ -100,7 +101,7 @@ def test_neighbours_study_chose_todays_configs(study, bits):
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
         won = load_config(f"cifar10-ii-{bits}", [*over, *cands["neighbours 10, p 0.5"]]).to_dict()
-        today = _todays_config(bits, over, ref)
+        today = _todays_config(bits, [*over, *study.NO_RESEED], ref)  # as before the codes study
         for section in ("projector", "quantizer", "loss", "train"):
             assert won[section] == today[section], (set_name, section)
         assert today["train"]["neighbours"] == 10 and ref["train"]["neighbours"] == 0
@@ -111,31 +112,36 @@ def test_neighbours_study_chose_todays_configs(study, bits):
                 assert cfg[section] == ref[section], (name, section)
 
 
-#: study -> (the fields its candidates vary, with today's values)
+#: study -> the fields its candidates vary
 SECOND_ROUND = {
-    "refresh": {"train": {"neighbours": 10, "neighbour_prob": 0.5, "neighbour_refresh": False}},
-    "weights": {"loss": {"lambda1": 1.0, "lambda2": 0.1}},
+    "refresh": {"train": ["neighbours", "neighbour_prob", "neighbour_refresh"]},
+    "weights": {"loss": ["lambda1", "lambda2"]},
+    "codes": {"train": ["reseed_codewords"], "quantizer": ["learn_curvature", "curvature_keeps_scale"]},
 }
 
 
 @pytest.mark.parametrize("name", sorted(SECOND_ROUND))
 @pytest.mark.parametrize("bits", [16, 32, 64])
 def test_second_round_studies_start_from_todays_configs(study, name, bits):
-    """The refresh and weights studies' reference is the configs as they are now (neighbour pairs pinned); each
-    candidate changes only the fields its study is about, and every other candidate changes one of them."""
+    """The refresh, weights and codes studies' reference is the configs as they are now (neighbour pairs
+    pinned); each candidate changes only the fields its study is about, and every other candidate changes one."""
     cands = study.STUDIES[name](bits)
     args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
     for set_name in study.HELD_OUT_SETS:
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (neighbours 10, p 0.5)"]]).to_dict()
-        today = _todays_config(bits, over, ref)
+        today = _todays_config(bits, [*over, *study.NO_RESEED], ref)  # as before the codes study
         for section in ("projector", "quantizer", "loss", "train"):
             assert ref[section] == today[section], (set_name, section)
+        if name == "codes" and bits == 16:  # its winner is the 16-bit config now
+            won = load_config(f"cifar10-ii-{bits}", [*over, *cands["re-seeded codewords"]]).to_dict()
+            assert won == {**load_config(f"cifar10-ii-{bits}", over).to_dict(), "seed": won["seed"]}
+        base = {sec: {k: ref[sec][k] for k in keys} for sec, keys in SECOND_ROUND[name].items()}
         for cand_name, cand in cands.items():
             cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
-            varied = {sec: {k: cfg[sec][k] for k in vals} for sec, vals in SECOND_ROUND[name].items()}
-            assert (varied == SECOND_ROUND[name]) == cand_name.startswith("defaults"), cand_name
-            for sec, vals in SECOND_ROUND[name].items():
+            varied = {sec: {k: cfg[sec][k] for k in keys} for sec, keys in SECOND_ROUND[name].items()}
+            assert (varied == base) == cand_name.startswith("defaults"), cand_name
+            for sec, vals in base.items():
                 cfg[sec].update(vals)
             for section in ("projector", "quantizer", "loss", "train"):
                 assert cfg[section] == ref[section], (cand_name, section)
@@ -150,7 +156,7 @@ def test_levers_study_starts_from_the_configs_before_neighbour_pairs(study, bits
     for set_name in study.HELD_OUT_SETS:
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
-        today = _todays_config(bits, [*over, "train.neighbours=0"], ref)
+        today = _todays_config(bits, [*over, "train.neighbours=0", *study.NO_RESEED], ref)
         for section in ("projector", "quantizer", "loss", "train"):
             assert ref[section] == today[section], (set_name, section)
     base = load_config(f"cifar10-ii-{bits}", cands["defaults (3,000 steps at 16 bits)"])
