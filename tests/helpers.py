@@ -83,3 +83,46 @@ def tiny_head_config(*overrides: str):
         "hierarchy.warmup_epochs=1",
     ]
     return load_config("cifar10-ii-16", [*base, *overrides])
+
+
+def noisy_views(n: int = 96, dim: int = 24, n_views: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic cached features: (n, dim) clean rows and (n, n_views, dim) noisy copies, float16 as the cache."""
+    rng = np.random.default_rng(seed)
+    clean = rng.normal(size=(n, dim))
+    views = clean[:, None, :] + 0.3 * rng.normal(size=(n, n_views, dim))
+    return clean.astype(np.float16), views.astype(np.float16)
+
+
+def tiny_head_trainer(tmp_path: Path, *overrides: str, out_dir: Path | None = None, in_dim: int = 24):
+    """A Trainer of :func:`tiny_head_config` (with ``overrides``) for features of width ``in_dim``, seeded."""
+    import torch
+
+    from hihpq.build import build_loss, build_model, train_settings
+    from hihpq.train import Trainer
+
+    cfg = tiny_head_config(f"features.cache_dir={tmp_path}", *overrides)
+    torch.manual_seed(0)
+    return Trainer(build_model(cfg, in_dim), build_loss(cfg), train_settings(cfg, progress=False), out_dir=out_dir)
+
+
+def resumed_after_ctrl_c(make_trainer, source, monkeypatch, epoch: int = 2):
+    """Train ``make_trainer()`` until Ctrl-C in epoch index ``epoch``, then a fresh ``make_trainer()`` resumes
+    from its checkpoint to the end: the resumed trainer (make_trainer must give both the same out_dir)."""
+    import pytest
+
+    from hihpq.train import Trainer
+
+    original = Trainer._train_step
+
+    def interrupt(self, *args):
+        if self.epoch == epoch:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer().fit(source)
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    resumed = make_trainer()
+    resumed.fit(source, resume=True)
+    return resumed

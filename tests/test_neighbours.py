@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_head_config
-from hihpq.build import build_loss, build_model, train_settings
+from helpers import noisy_views, resumed_after_ctrl_c, tiny_head_config, tiny_head_trainer
 from hihpq.config import ConfigError
 from hihpq.neighbours import nearest_neighbours
-from hihpq.train import CachedViews, Trainer
+from hihpq.train import CachedViews
 
 
 def _brute_force(x: np.ndarray, k: int) -> np.ndarray:
@@ -49,17 +48,11 @@ def test_nearest_neighbours_refuse_non_finite_features():
         nearest_neighbours(x, 2)
 
 
-def _features(n=96, dim=24, n_views=3, seed=0):
-    rng = np.random.default_rng(seed)
-    clean = rng.normal(size=(n, dim))
-    views = clean[:, None, :] + 0.3 * rng.normal(size=(n, n_views, dim))
-    return clean.astype(np.float16), views.astype(np.float16)
+_features = noisy_views
 
 
 def _trainer(tmp_path, *extra, out_dir=None):
-    cfg = tiny_head_config("train.epochs=2", f"features.cache_dir={tmp_path}", *extra)
-    torch.manual_seed(0)
-    return Trainer(build_model(cfg, 24), build_loss(cfg), train_settings(cfg, progress=False), out_dir=out_dir)
+    return tiny_head_trainer(tmp_path, "train.epochs=2", *extra, out_dir=out_dir)
 
 
 @pytest.mark.parametrize("prob", [0.0, 0.5, 1.0])
@@ -153,19 +146,10 @@ def test_a_refreshed_run_resumes_to_the_same_model_as_an_uninterrupted_one(tmp_p
     opts = ["train.neighbours=3", "train.neighbour_refresh=true", "train.epochs=3"]
     whole = _trainer(tmp_path, *opts, out_dir=tmp_path / "whole")
     whole.fit(CachedViews(views, clean))
-    original = Trainer._train_step
-
-    def interrupt_in_epoch_3(self, *args):
-        if self.epoch == 2:  # after two refreshes (epochs 2 and 3 start with one): Ctrl-C
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        _trainer(tmp_path, *opts, out_dir=tmp_path / "part").fit(CachedViews(views, clean))
-    monkeypatch.setattr(Trainer, "_train_step", original)
-    rest = _trainer(tmp_path, *opts, out_dir=tmp_path / "part")
-    rest.fit(CachedViews(views, clean), resume=True)
+    # Ctrl-C in the third epoch, after two refreshes (epochs 2 and 3 start with one), then resume
+    rest = resumed_after_ctrl_c(
+        lambda: _trainer(tmp_path, *opts, out_dir=tmp_path / "part"), CachedViews(views, clean), monkeypatch
+    )
     np.testing.assert_array_equal(rest.neighbours, whole.neighbours)
     assert not np.array_equal(whole.neighbours, nearest_neighbours(clean.astype(np.float32), 3))
     for a, b in zip(rest.model.state_dict().values(), whole.model.state_dict().values(), strict=True):

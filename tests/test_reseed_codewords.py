@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_head_config
-from hihpq.build import build_loss, build_model, train_settings
+from helpers import noisy_views, resumed_after_ctrl_c, tiny_head_trainer
 from hihpq.evaluation import code_usage
 from hihpq.quantizer import ProductQuantizer
-from hihpq.train import CachedViews, Trainer
+from hihpq.train import CachedViews
 
 
 @pytest.mark.parametrize("geometry", ["lorentz", "euclidean", "cosine"])
@@ -56,17 +55,11 @@ def test_code_usage_counts_codewords_per_subspace_and_distinct_codes():
     assert code_usage(codes) == {"codewords_used": [2, 2], "distinct_codes": 3}
 
 
-def _features(n=96, dim=24, n_views=3, seed=0):
-    rng = np.random.default_rng(seed)
-    clean = rng.normal(size=(n, dim))
-    views = clean[:, None, :] + 0.3 * rng.normal(size=(n, n_views, dim))
-    return clean.astype(np.float16), views.astype(np.float16)
+_features = noisy_views
 
 
 def _trainer(tmp_path, *extra, out_dir=None):
-    cfg = tiny_head_config("train.epochs=3", f"features.cache_dir={tmp_path}", *extra)
-    torch.manual_seed(0)
-    return Trainer(build_model(cfg, 24), build_loss(cfg), train_settings(cfg, progress=False), out_dir=out_dir)
+    return tiny_head_trainer(tmp_path, "train.epochs=3", *extra, out_dir=out_dir)
 
 
 def test_the_trainer_reseeds_from_the_warm_up_on_and_clears_their_momentum(tmp_path, monkeypatch):
@@ -96,18 +89,8 @@ def test_reseeded_training_resumes_to_the_same_model(tmp_path, monkeypatch):
     opts = ["train.reseed_codewords=true"]
     whole = _trainer(tmp_path, *opts, out_dir=tmp_path / "whole")
     whole.fit(CachedViews(views, clean))
-    original = Trainer._train_step
-
-    def interrupt_in_epoch_3(self, *args):
-        if self.epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        _trainer(tmp_path, *opts, out_dir=tmp_path / "part").fit(CachedViews(views, clean))
-    monkeypatch.setattr(Trainer, "_train_step", original)
-    rest = _trainer(tmp_path, *opts, out_dir=tmp_path / "part")
-    rest.fit(CachedViews(views, clean), resume=True)
+    rest = resumed_after_ctrl_c(
+        lambda: _trainer(tmp_path, *opts, out_dir=tmp_path / "part"), CachedViews(views, clean), monkeypatch
+    )
     for a, b in zip(rest.model.state_dict().values(), whole.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
