@@ -17,6 +17,7 @@
     ... --study refresh     # neighbour pairs found again in the model's embedding (train.neighbour_refresh)
     ... --study weights     # the hierarchy losses' weights with neighbour pairs
     ... --study codes       # the codes' use of their space (c fixed at 1, re-seeded dead codewords)
+    ... --study length      # training length with neighbour pairs
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -296,6 +297,21 @@ def code_candidates(bits: int) -> dict[str, list[str]]:
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
+#: re-seeded codewords as the codes study left them (the 16-bit default since), pinned
+RESEED_AT_16 = {16: ["train.reseed_codewords=true"], 32: [], 64: []}
+
+
+def length_candidates(bits: int) -> dict[str, list[str]]:
+    """Training length again now that neighbour pairs give the positives variety that eight cached views of one
+    image lack (the training study, with the paper's pairs, found longer training flat to worse at 32 / 64 bits,
+    and 50 epochs of 2,000 training images are only 800 steps)."""
+    pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10, *RESEED_AT_16[bits]]
+    lengths = [6000] if bits == 16 else [1500, 3000]
+    cands = {"defaults (neighbours 10, p 0.5)": []}
+    cands.update({f"{n:,} steps": [f"train.steps={n}"] for n in lengths})
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
 STUDIES = {
     "defaults": default_candidates,
     "model": model_candidates,
@@ -307,6 +323,7 @@ STUDIES = {
     "refresh": refresh_candidates,
     "weights": weight_candidates,
     "codes": code_candidates,
+    "length": length_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: the studies made before the held-out sets existed; every later study runs on the held-out sets
