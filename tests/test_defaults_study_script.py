@@ -59,7 +59,9 @@ def test_sharpness_candidates_start_from_the_configs_as_they_were(study, bits):
     assert load_config(f"cifar10-ii-{bits}", cands["batch 256"]).train.batch_size == 2 * base.train.batch_size
 
 
-@pytest.mark.parametrize("name", ["sharpness", "training", "levers", "neighbours", "refresh", "weights", "codes"])
+@pytest.mark.parametrize(
+    "name", ["sharpness", "training", "levers", "neighbours", "refresh", "weights", "codes", "length", "refit"]
+)
 def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
     """Every record of bench/results/<name>_study.json was trained with the config its candidate gives now: the
     same head, quantizer, losses and training (length included: the configs train 16 bits by steps since the
@@ -77,6 +79,7 @@ def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
         ran["train"].setdefault("neighbour_prob", 0.5)
         ran["train"].setdefault("neighbour_refresh", False)  # ... and before refreshed neighbours
         ran["train"].setdefault("reseed_codewords", False)  # ... and before re-seeded codewords
+        ran["train"].setdefault("refit_codebooks", False)  # ... and before refit codebooks
         for section in ("projector", "quantizer", "loss", "train"):
             assert cfg[section] == ran[section], (r["candidate"], section)
 
@@ -143,6 +146,37 @@ def test_second_round_studies_start_from_todays_configs(study, name, bits):
             assert (varied == base) == cand_name.startswith("defaults"), cand_name
             for sec, vals in base.items():
                 cfg[sec].update(vals)
+            for section in ("projector", "quantizer", "loss", "train"):
+                assert cfg[section] == ref[section], (cand_name, section)
+
+
+#: study -> the one train field its candidates vary
+THIRD_ROUND = {"length": "steps", "refit": "refit_codebooks"}
+
+
+@pytest.mark.parametrize("name", sorted(THIRD_ROUND))
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_third_round_studies_start_from_todays_configs(study, name, bits):
+    """The length and refit studies' reference is the configs as they are now (re-seeded codewords at 16 bits
+    included); every other candidate changes the one field its study is about, and nothing else."""
+    cands = study.STUDIES[name](bits)
+    field = THIRD_ROUND[name]
+    args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
+    for set_name in study.HELD_OUT_SETS:
+        over = study.set_overrides(set_name, args)
+        ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (neighbours 10, p 0.5)"]]).to_dict()
+        today = _todays_config(bits, over, ref)
+        for section in ("projector", "quantizer", "loss", "train"):
+            assert ref[section] == today[section], (set_name, section)
+        assert len(cands) > 1
+        for cand_name, cand in cands.items():
+            if cand_name.startswith("defaults"):
+                continue
+            cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
+            assert cfg["train"][field] != ref["train"][field], cand_name
+            if name == "length":
+                assert cfg["train"]["steps"] == int(cand_name.split()[0].replace(",", ""))
+            cfg["train"][field] = ref["train"][field]
             for section in ("projector", "quantizer", "loss", "train"):
                 assert cfg[section] == ref[section], (cand_name, section)
 

@@ -83,8 +83,16 @@ def setup(tmp_path_factory):
         features={"n_views": 2},
         projector={"kind": "linear", "dropout": 0.2},
         # neighbour pairs: every rank must draw the same pairs from the neighbours rank 0 found; re-seeded
-        # codewords: every rank must copy the codebooks rank 0 re-seeded (from epoch 2 on)
-        train={"epochs": EPOCHS, "batch_size": 16, "lr": 0.005, "neighbours": 3, "reseed_codewords": True},
+        # codewords: every rank must copy the codebooks rank 0 re-seeded (from epoch 2 on); refit codebooks: every
+        # rank embeds its shard for rank 0's k-means after the last epoch
+        train={
+            "epochs": EPOCHS,
+            "batch_size": 16,
+            "lr": 0.005,
+            "neighbours": 3,
+            "reseed_codewords": True,
+            "refit_codebooks": True,
+        },
     )
     one = tmp / "one"
     assert main(["train", str(config), "--out", str(one)]) == 0  # also fills the feature cache

@@ -73,6 +73,7 @@ def train_settings(cfg: Config, progress: bool = True) -> TrainSettings:
         neighbour_prob=t.neighbour_prob,
         neighbour_refresh=t.neighbour_refresh,
         reseed_codewords=t.reseed_codewords,
+        refit_codebooks=t.refit_codebooks,
         levels=list(h.levels),
         n_subclusters=h.n_subclusters,
         hierarchy_warmup=h.warmup_epochs,

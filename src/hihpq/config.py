@@ -141,6 +141,9 @@ class TrainConfig:
     # true: from the hierarchy warm-up on, at every hierarchy refresh, codewords no training image uses are moved
     # onto training images' embeddings (a codebook that uses a few of its K codewords ranks ties, not images)
     reseed_codewords: bool = False
+    # true: after the last epoch the codebooks are fitted again by k-means to the embeddings of the clean training
+    # images (the codes then approximate the embeddings the model learned, not the codewords it trained with)
+    refit_codebooks: bool = False
     device: str = "cpu"
     amp: str = "none"  # none | bf16 | fp16 autocast of backbone + projector (old booleans: false=none, true=bf16)
     num_threads: int | None = None
@@ -378,6 +381,7 @@ SCHEMA: dict[str, Spec] = {
     "train.neighbour_prob": _float(0, 1),
     "train.neighbour_refresh": Spec("bool"),
     "train.reseed_codewords": Spec("bool"),
+    "train.refit_codebooks": Spec("bool"),
     "train.device": _str(),
     "train.amp": _str("none", "bf16", "fp16"),
     "train.num_threads": _int(1, none=True),

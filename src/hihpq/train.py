@@ -270,6 +270,7 @@ class TrainSettings:
     neighbour_prob: float = 0.5  # ... with this probability
     neighbour_refresh: bool = False  # re-found in the model's embedding at every hierarchy refresh
     reseed_codewords: bool = False  # unused codewords moved onto training embeddings at every hierarchy refresh
+    refit_codebooks: bool = False  # after the last epoch, k-means codebooks of the clean training embeddings
     levels: list[int] = field(default_factory=lambda: [100, 50, 25])
     n_subclusters: int | None = None
     hierarchy_warmup: int = 3
@@ -384,6 +385,7 @@ class Trainer:
         self.step = 0
         self.hierarchy: Hierarchy | None = None
         self.neighbours: np.ndarray | None = None  # (N, k) nearest training images (once, or per refresh)
+        self.codebooks_refit = False  # train.refit_codebooks done (a resumed finished run does not redo it)
         self.rng = np.random.default_rng(settings.seed)
         self.history: list[dict] = []
         self.dist = distributed.context()
@@ -423,6 +425,7 @@ class Trainer:
             "hierarchy": self.hierarchy.state() if self.hierarchy else None,
             # found with the backbone as training started: a trainable one has moved since
             "neighbours": torch.from_numpy(self.neighbours) if self.neighbours is not None else None,
+            "codebooks_refit": self.codebooks_refit,
             "history": self.history,
         }
 
@@ -444,6 +447,7 @@ class Trainer:
         self.hierarchy = Hierarchy.from_state(state["hierarchy"]) if state["hierarchy"] else None
         nbrs = state.get("neighbours")  # absent from checkpoints written before neighbour pairs
         self.neighbours = nbrs.cpu().numpy() if nbrs is not None else None
+        self.codebooks_refit = bool(state.get("codebooks_refit", False))
         self.history = list(state["history"])
 
     def save_checkpoint(self, path: str | Path) -> None:
@@ -491,6 +495,12 @@ class Trainer:
             raise ValueError(
                 f"train.neighbours={self.s.neighbours} asks for more neighbours than the {source.n} training images "
                 "hold (each has n - 1 others); lower train.neighbours"
+            )
+        K = self.model.quantizer.n_codewords
+        if self.s.refit_codebooks and source.n < K:
+            raise ValueError(
+                f"train.refit_codebooks fits {K} codewords per subspace by k-means to the {source.n} training images; "
+                f"it needs at least {K}: set train.refit_codebooks=false or lower quantizer.n_codewords"
             )
         batch = min(self.s.batch_size, source.n)
         if batch % self.dist.world_size:
@@ -547,6 +557,16 @@ class Trainer:
                 self._write_logs()
                 self.save_checkpoint(ckpt)
             distributed.barrier()  # no rank runs ahead of the checkpoint it would resume from
+        if self.s.refit_codebooks and not self.codebooks_refit:
+            t0 = time.perf_counter()
+            self._refit_codebooks(source)
+            self.codebooks_refit = True
+            if self.history:
+                self.history[-1]["refit_s"] = time.perf_counter() - t0
+            if self.writes:
+                self._write_logs()
+                self.save_checkpoint(ckpt)
+            distributed.barrier()
         return self.history
 
     def _init_codebooks(self, source: ViewSource) -> None:
@@ -570,6 +590,22 @@ class Trainer:
         with torch.no_grad():
             q.codebook_tangent.copy_(distributed.broadcast_object(books))
         self.optimizer.state.pop(q.codebook_tangent, None)
+
+    def _refit_codebooks(self, source: ViewSource) -> None:
+        """train.refit_codebooks: k-means codebooks of the trained model's embeddings of the clean training images.
+
+        The codewords were trained as soft-assignment anchors of the contrastive loss; after training the codes
+        only need to approximate the embeddings well (the continuous embeddings rank better than their codes).
+        Every rank embeds its shard; rank 0 fits (seeded), all copy."""
+        X = self._embed_clean(source, self.model.project)
+        q = self.model.quantizer
+        books = None
+        if self.dist.is_main:
+            gen = torch.Generator().manual_seed(self.s.seed)
+            q.init_codebooks_from_data(torch.from_numpy(X).to(q.codebook_tangent.device), generator=gen)
+            books = q.codebook_tangent.detach().cpu()
+        with torch.no_grad():
+            q.codebook_tangent.copy_(distributed.broadcast_object(books))
 
     def _reseed_codewords(self, X: np.ndarray) -> None:
         """Codewords no training image uses moved onto random training embeddings ``X`` (the gathered tangent

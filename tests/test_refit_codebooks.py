@@ -1,0 +1,73 @@
+"""Refit codebooks (train.refit_codebooks): after the last epoch, k-means codebooks of the clean training embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import noisy_views, resumed_after_ctrl_c, tiny_head_trainer
+from hihpq.train import CachedViews
+
+
+def _trainer(tmp_path, *extra, out_dir=None):
+    return tiny_head_trainer(tmp_path, "train.epochs=3", *extra, out_dir=out_dir)
+
+
+def _quantization_error(model, clean: np.ndarray) -> float:
+    model.eval()
+    with torch.no_grad():
+        h = model.embed(torch.as_tensor(clean, dtype=torch.float32))
+        return float(model.quantizer.quantization_error(h))
+
+
+def test_the_codebooks_are_the_k_means_of_the_trained_embeddings(tmp_path):
+    """With the option the run ends with the codebooks init_codebooks_from_data fits to the trained model's clean
+    training embeddings (the same seed); the rest of the model is the run without it, and the codes approximate the
+    training embeddings better than the trained codewords did."""
+    clean, views = noisy_views()
+    plain = _trainer(tmp_path)
+    plain.fit(CachedViews(views, clean))
+    refit = _trainer(tmp_path, "train.refit_codebooks=true")
+    refit.fit(CachedViews(views, clean))
+    a, b = plain.model.state_dict(), refit.model.state_dict()
+    for name in a:
+        if name != "quantizer.codebook_tangent":
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert not torch.allclose(a["quantizer.codebook_tangent"], b["quantizer.codebook_tangent"])
+    # the reference: the plain run's model, refitted by hand
+    model = plain.model.eval()
+    with torch.no_grad():
+        z = model.project(torch.as_tensor(clean, dtype=torch.float32))
+    model.quantizer.init_codebooks_from_data(z, generator=torch.Generator().manual_seed(plain.s.seed))
+    torch.testing.assert_close(b["quantizer.codebook_tangent"], model.quantizer.codebook_tangent, rtol=0, atol=0)
+    assert "refit_s" in refit.history[-1] and "refit_s" not in plain.history[-1]
+    # k-means lowers the training embeddings' distance to their codes (the gap between embedding and code)
+    plain_again = _trainer(tmp_path)
+    plain_again.fit(CachedViews(views, clean))
+    assert _quantization_error(refit.model, clean) < _quantization_error(plain_again.model, clean)
+
+
+def test_refitted_training_resumes_to_the_same_model_and_a_finished_run_is_not_refitted_again(tmp_path, monkeypatch):
+    clean, views = noisy_views()
+    opts = ["train.refit_codebooks=true"]
+    whole = _trainer(tmp_path, *opts, out_dir=tmp_path / "whole")
+    whole.fit(CachedViews(views, clean))
+    rest = resumed_after_ctrl_c(
+        lambda: _trainer(tmp_path, *opts, out_dir=tmp_path / "part"), CachedViews(views, clean), monkeypatch
+    )
+    for a, b in zip(rest.model.state_dict().values(), whole.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    again = _trainer(tmp_path, *opts, out_dir=tmp_path / "whole")
+    calls = []
+    monkeypatch.setattr(type(again), "_refit_codebooks", lambda self, source: calls.append(1))
+    again.fit(CachedViews(views, clean), resume=True)  # the checkpoint says it is done
+    assert calls == []
+
+
+def test_fewer_training_images_than_codewords_is_refused_before_training(tmp_path):
+    clean, views = noisy_views(n=12)
+    trainer = _trainer(tmp_path, "train.refit_codebooks=true", "train.batch_size=4", "hierarchy.levels=[4,2]")
+    with pytest.raises(ValueError, match=r"refit_codebooks.*16 codewords.*12 training images"):
+        trainer.fit(CachedViews(views, clean))
+    assert trainer.step == 0
