@@ -75,6 +75,8 @@ FIFTY_EPOCHS = ["train.epochs=50"]
 NO_NEIGHBOURS = ["train.neighbours=0"]
 # no re-seeded codewords, as every study before the codes study ran (the 16-bit default since)
 NO_RESEED = ["train.reseed_codewords=false"]
+# the trained codebooks, as every study before the refit study ran (refit codebooks the 32 / 64-bit default since)
+NO_REFIT = ["train.refit_codebooks=false"]
 
 
 def default_candidates(bits: int) -> dict[str, list[str]]:
@@ -95,7 +97,7 @@ def default_candidates(bits: int) -> dict[str, list[str]]:
             "tau=0.2,clip=0.8,tau_qc=0.1M": ["quantizer.tau=0.2", "quantizer.clip_r=0.8", f"loss.tau_qc={0.1 * m:g}"],
         }
     return {
-        name: [*AUTHORS[bits], *FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *over]
+        name: [*AUTHORS[bits], *FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *NO_REFIT, *over]
         for name, over in cands.items()
     }
 
@@ -117,7 +119,8 @@ def model_candidates(bits: int) -> dict[str, list[str]]:
         "codebooks from data": ["quantizer.init_from_data=true"],
     }
     return {
-        name: [*FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *over] for name, over in cands.items()
+        name: [*FIXED_C, *NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *NO_REFIT, *over]
+        for name, over in cands.items()
     }
 
 
@@ -138,7 +141,9 @@ def generalisation_candidates(bits: int) -> dict[str, list[str]]:
         "25 epochs": ["train.epochs=25"],
         "cosine (full-euclidean)": ["quantizer.geometry=cosine", "quantizer.tau=0.1", f"loss.tau_qc={0.2 * m:g}"],
     }
-    return {name: [*NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *over] for name, over in cands.items()}
+    return {
+        name: [*NO_DROPOUT, *FIFTY_EPOCHS, *NO_NEIGHBOURS, *NO_RESEED, *NO_REFIT, *over] for name, over in cands.items()
+    }
 
 
 # The two (soft-assignment tau, clip radius) balls of the configs: narrow at 16 and 32 bits, wide at 64.
@@ -157,6 +162,7 @@ def _pinned(bits: int, tau_qc: float) -> list[str]:
         *FIFTY_EPOCHS,
         *NO_NEIGHBOURS,
         *NO_RESEED,
+        *NO_REFIT,
     ]
 
 

@@ -104,7 +104,7 @@ def test_neighbours_study_chose_todays_configs(study, bits):
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
         won = load_config(f"cifar10-ii-{bits}", [*over, *cands["neighbours 10, p 0.5"]]).to_dict()
-        today = _todays_config(bits, [*over, *study.NO_RESEED], ref)  # as before the codes study
+        today = _todays_config(bits, [*over, *study.NO_RESEED, *study.NO_REFIT], ref)  # as before the codes study
         for section in ("projector", "quantizer", "loss", "train"):
             assert won[section] == today[section], (set_name, section)
         assert today["train"]["neighbours"] == 10 and ref["train"]["neighbours"] == 0
@@ -133,7 +133,7 @@ def test_second_round_studies_start_from_todays_configs(study, name, bits):
     for set_name in study.HELD_OUT_SETS:
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (neighbours 10, p 0.5)"]]).to_dict()
-        today = _todays_config(bits, [*over, *study.NO_RESEED], ref)  # as before the codes study
+        today = _todays_config(bits, [*over, *study.NO_RESEED, *study.NO_REFIT], ref)  # as before the codes study
         for section in ("projector", "quantizer", "loss", "train"):
             assert ref[section] == today[section], (set_name, section)
         if name == "codes" and bits == 16:  # its winner is the 16-bit config now
@@ -157,17 +157,21 @@ THIRD_ROUND = {"length": "steps", "refit": "refit_codebooks"}
 @pytest.mark.parametrize("name", sorted(THIRD_ROUND))
 @pytest.mark.parametrize("bits", [16, 32, 64])
 def test_third_round_studies_start_from_todays_configs(study, name, bits):
-    """The length and refit studies' reference is the configs as they are now (re-seeded codewords at 16 bits
-    included); every other candidate changes the one field its study is about, and nothing else."""
+    """The length and refit studies' reference is the configs as they were before the refit study (re-seeded
+    codewords at 16 bits, the trained codebooks); every other candidate changes the one field its study is about,
+    and nothing else."""
     cands = study.STUDIES[name](bits)
     field = THIRD_ROUND[name]
     args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
     for set_name in study.HELD_OUT_SETS:
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (neighbours 10, p 0.5)"]]).to_dict()
-        today = _todays_config(bits, over, ref)
+        today = _todays_config(bits, [*over, *study.NO_REFIT], ref)  # as before the refit study
         for section in ("projector", "quantizer", "loss", "train"):
             assert ref[section] == today[section], (set_name, section)
+        if name == "refit":  # its winner is today's config at 32 / 64 bits, not at 16
+            won = load_config(f"cifar10-ii-{bits}", [*over, *cands["refit codebooks"]]).to_dict()
+            assert (won == _todays_config(bits, over, ref)) == (bits != 16)
         assert len(cands) > 1
         for cand_name, cand in cands.items():
             if cand_name.startswith("defaults"):
@@ -190,7 +194,7 @@ def test_levers_study_starts_from_the_configs_before_neighbour_pairs(study, bits
     for set_name in study.HELD_OUT_SETS:
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (3,000 steps at 16 bits)"]]).to_dict()
-        today = _todays_config(bits, [*over, "train.neighbours=0", *study.NO_RESEED], ref)
+        today = _todays_config(bits, [*over, "train.neighbours=0", *study.NO_RESEED, *study.NO_REFIT], ref)
         for section in ("projector", "quantizer", "loss", "train"):
             assert ref[section] == today[section], (set_name, section)
     base = load_config(f"cifar10-ii-{bits}", cands["defaults (3,000 steps at 16 bits)"])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
-import pytest
 import torch
 
 from helpers import noisy_views, resumed_after_ctrl_c, tiny_head_trainer
@@ -65,9 +66,17 @@ def test_refitted_training_resumes_to_the_same_model_and_a_finished_run_is_not_r
     assert calls == []
 
 
-def test_fewer_training_images_than_codewords_is_refused_before_training(tmp_path):
+def test_fewer_training_images_than_codewords_keep_the_trained_codebooks_and_say_so(tmp_path, caplog, monkeypatch):
+    """A photo folder smaller than K under a config that refits (photos inherits the 32-bit one): trained as
+    asked, the codebooks as trained, a warning before training starts."""
     clean, views = noisy_views(n=12)
-    trainer = _trainer(tmp_path, "train.refit_codebooks=true", "train.batch_size=4", "hierarchy.levels=[4,2]")
-    with pytest.raises(ValueError, match=r"refit_codebooks.*16 codewords.*12 training images"):
+    opts = ["train.batch_size=4", "hierarchy.levels=[4,2]"]
+    trainer = _trainer(tmp_path, "train.refit_codebooks=true", *opts)
+    calls = []
+    monkeypatch.setattr(type(trainer), "_refit_codebooks", lambda self, source: calls.append(1))
+    started = []
+    monkeypatch.setattr(type(trainer), "_refresh_hierarchy", lambda self, source: started.append(caplog.text) or 0.0)
+    with caplog.at_level("WARNING", logger="hihpq.train"):
         trainer.fit(CachedViews(views, clean))
-    assert trainer.step == 0
+    assert calls == [] and "refit_s" not in trainer.history[-1]
+    assert re.search(r"refit_codebooks skipped.*16 codewords.*at least 16.*there are 12", started[0])

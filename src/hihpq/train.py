@@ -497,11 +497,16 @@ class Trainer:
                 "hold (each has n - 1 others); lower train.neighbours"
             )
         K = self.model.quantizer.n_codewords
-        if self.s.refit_codebooks and source.n < K:
-            raise ValueError(
-                f"train.refit_codebooks fits {K} codewords per subspace by k-means to the {source.n} training images; "
-                f"it needs at least {K}: set train.refit_codebooks=false or lower quantizer.n_codewords"
+        refit = self.s.refit_codebooks and not self.codebooks_refit
+        if refit and source.n < K:  # a small photo folder under a default config: said once, before training
+            log.warning(
+                "train.refit_codebooks skipped: k-means of %d codewords per subspace needs at least %d training "
+                "images, there are %d; the trained codebooks are kept",
+                K,
+                K,
+                source.n,
             )
+            refit = False
         batch = min(self.s.batch_size, source.n)
         if batch % self.dist.world_size:
             raise ValueError(
@@ -557,7 +562,7 @@ class Trainer:
                 self._write_logs()
                 self.save_checkpoint(ckpt)
             distributed.barrier()  # no rank runs ahead of the checkpoint it would resume from
-        if self.s.refit_codebooks and not self.codebooks_refit:
+        if refit:
             t0 = time.perf_counter()
             self._refit_codebooks(source)
             self.codebooks_refit = True
