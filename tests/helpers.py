@@ -105,6 +105,19 @@ def tiny_head_trainer(tmp_path: Path, *overrides: str, out_dir: Path | None = No
     return Trainer(build_model(cfg, in_dim), build_loss(cfg), train_settings(cfg, progress=False), out_dir=out_dir)
 
 
+def resume_matches_uninterrupted(make_trainer, source, tmp_path: Path, monkeypatch):
+    """Train ``make_trainer(out_dir)`` through, and again with Ctrl-C then resume (:func:`resumed_after_ctrl_c`);
+    assert the two models are bit-identical. Returns (uninterrupted, resumed) trainers."""
+    import torch
+
+    whole = make_trainer(tmp_path / "whole")
+    whole.fit(source)
+    rest = resumed_after_ctrl_c(lambda: make_trainer(tmp_path / "part"), source, monkeypatch)
+    for a, b in zip(rest.model.state_dict().values(), whole.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return whole, rest
+
+
 def resumed_after_ctrl_c(make_trainer, source, monkeypatch, epoch: int = 2):
     """Train ``make_trainer()`` until Ctrl-C in epoch index ``epoch``, then a fresh ``make_trainer()`` resumes
     from its checkpoint to the end: the resumed trainer (make_trainer must give both the same out_dir)."""

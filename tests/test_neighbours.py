@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import noisy_views, resumed_after_ctrl_c, tiny_head_config, tiny_head_trainer
+from helpers import noisy_views, resume_matches_uninterrupted, tiny_head_config, tiny_head_trainer
 from hihpq.config import ConfigError
 from hihpq.neighbours import nearest_neighbours
 from hihpq.train import CachedViews
@@ -144,13 +144,9 @@ def test_without_refresh_the_neighbours_stay_the_backbones(tmp_path):
 def test_a_refreshed_run_resumes_to_the_same_model_as_an_uninterrupted_one(tmp_path, monkeypatch):
     clean, views = _features()
     opts = ["train.neighbours=3", "train.neighbour_refresh=true", "train.epochs=3"]
-    whole = _trainer(tmp_path, *opts, out_dir=tmp_path / "whole")
-    whole.fit(CachedViews(views, clean))
     # Ctrl-C in the third epoch, after two refreshes (epochs 2 and 3 start with one), then resume
-    rest = resumed_after_ctrl_c(
-        lambda: _trainer(tmp_path, *opts, out_dir=tmp_path / "part"), CachedViews(views, clean), monkeypatch
+    whole, rest = resume_matches_uninterrupted(
+        lambda out: _trainer(tmp_path, *opts, out_dir=out), CachedViews(views, clean), tmp_path, monkeypatch
     )
     np.testing.assert_array_equal(rest.neighbours, whole.neighbours)
     assert not np.array_equal(whole.neighbours, nearest_neighbours(clean.astype(np.float32), 3))
-    for a, b in zip(rest.model.state_dict().values(), whole.model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)

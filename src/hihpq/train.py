@@ -587,14 +587,20 @@ class Trainer:
         with torch.no_grad():  # (rows, 2 views, M*D): rows in training-set order whatever the number of ranks
             z = [torch.stack([self.model.project(x.to(self.device)).float().cpu() for x in xs], 1)
                  for xs in source.stream(steps)]  # fmt: skip
-        Z = distributed.gather_arrays(torch.cat(z).numpy()).reshape(2 * source.n, -1)
+        self._fit_codebooks(distributed.gather_arrays(torch.cat(z).numpy()).reshape(2 * source.n, -1))
+        self.optimizer.state.pop(q.codebook_tangent, None)
+
+    def _fit_codebooks(self, Z: np.ndarray) -> None:
+        """k-means codebooks of the gathered embeddings ``Z`` (rows ahead of the quantizer): rank 0 fits (seeded),
+        every rank copies."""
+        q = self.model.quantizer
         books = None
         if self.dist.is_main:
-            q.init_codebooks_from_data(torch.from_numpy(Z), generator=torch.Generator().manual_seed(self.s.seed))
+            gen = torch.Generator().manual_seed(self.s.seed)
+            q.init_codebooks_from_data(torch.from_numpy(Z).to(q.codebook_tangent.device), generator=gen)
             books = q.codebook_tangent.detach().cpu()
         with torch.no_grad():
             q.codebook_tangent.copy_(distributed.broadcast_object(books))
-        self.optimizer.state.pop(q.codebook_tangent, None)
 
     def _refit_codebooks(self, source: ViewSource) -> None:
         """train.refit_codebooks: k-means codebooks of the trained model's embeddings of the clean training images.
@@ -602,15 +608,7 @@ class Trainer:
         The codewords were trained as soft-assignment anchors of the contrastive loss; after training the codes
         only need to approximate the embeddings well (the continuous embeddings rank better than their codes).
         Every rank embeds its shard; rank 0 fits (seeded), all copy."""
-        X = self._embed_clean(source, self.model.project)
-        q = self.model.quantizer
-        books = None
-        if self.dist.is_main:
-            gen = torch.Generator().manual_seed(self.s.seed)
-            q.init_codebooks_from_data(torch.from_numpy(X).to(q.codebook_tangent.device), generator=gen)
-            books = q.codebook_tangent.detach().cpu()
-        with torch.no_grad():
-            q.codebook_tangent.copy_(distributed.broadcast_object(books))
+        self._fit_codebooks(self._embed_clean(source, self.model.project))
 
     def _reseed_codewords(self, X: np.ndarray) -> None:
         """Codewords no training image uses moved onto random training embeddings ``X`` (the gathered tangent
