@@ -19,6 +19,7 @@
     ... --study codes       # the codes' use of their space (c fixed at 1, re-seeded dead codewords)
     ... --study length      # training length with neighbour pairs
     ... --study refit       # codebooks fitted again by k-means after training
+    ... --study sixteen     # levers at 16 bits: neighbour k / p, lambda2, the quantizer's tau, c = 1 with refit
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
@@ -331,6 +332,30 @@ def refit_candidates(bits: int) -> dict[str, list[str]]:
     }.items()}  # fmt: skip
 
 
+#: refit codebooks as the refit study left them (the 32 / 64-bit default since), pinned
+REFIT_AT_32_64 = {16: [], 32: ["train.refit_codebooks=true"], 64: ["train.refit_codebooks=true"]}
+
+
+def sixteen_bit_candidates(bits: int) -> dict[str, list[str]]:
+    """Levers at 16 bits, where Fashion-MNIST's margin over PCA+OPQ is the smallest, around today's configs: the
+    neighbour pairs' k and p (only 10 / 0.5 had run at 16 bits), the prototype loss alone (the weights study's best
+    at 32 bits), a harder and a softer soft assignment (the quantizer's tau), and at 16 bits the refit with c fixed
+    at 1 (the refit loses with the learned c, which runs to ~5 there; k-means in the tangent space at the origin
+    is a poorer fit of geodesic distances the larger c is)."""
+    pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10, *RESEED_AT_16[bits], *REFIT_AT_32_64[bits]]
+    cands = {
+        "defaults (today's configs)": [],
+        "neighbours 20, p 0.5": ["train.neighbours=20"],
+        "neighbours 5, p 0.25": ["train.neighbours=5", "train.neighbour_prob=0.25"],
+        "prototype loss only (lambda2 0)": ["loss.lambda2=0"],
+        "quantizer tau 0.1": ["quantizer.tau=0.1"],
+        "quantizer tau 0.4": ["quantizer.tau=0.4"],
+    }
+    if bits == 16:  # (32 and 64 bits fix c at 1 and refit already)
+        cands["c fixed at 1, refit codebooks"] = [*FIXED_C, "train.refit_codebooks=true"]
+    return {name: [*pinned, *over] for name, over in cands.items()}
+
+
 STUDIES = {
     "defaults": default_candidates,
     "model": model_candidates,
@@ -344,6 +369,7 @@ STUDIES = {
     "codes": code_candidates,
     "length": length_candidates,
     "refit": refit_candidates,
+    "sixteen": sixteen_bit_candidates,
 }
 HELD_OUT_SETS = ["cifar-half", "fashion-10pct"]
 #: the studies made before the held-out sets existed; every later study runs on the held-out sets

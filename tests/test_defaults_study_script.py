@@ -207,3 +207,40 @@ def test_levers_study_starts_from_the_configs_before_neighbour_pairs(study, bits
     else:
         learned = load_config(f"cifar10-ii-{bits}", cands["learned c, 3,000 steps"])
         assert learned.quantizer.learn_curvature and learned.train.steps == 3000
+
+
+#: sixteen study candidate -> the fields it changes
+SIXTEEN = {
+    "neighbours 20, p 0.5": {"train": ["neighbours"]},
+    "neighbours 5, p 0.25": {"train": ["neighbours", "neighbour_prob"]},
+    "prototype loss only (lambda2 0)": {"loss": ["lambda2"]},
+    "quantizer tau 0.1": {"quantizer": ["tau"]},
+    "quantizer tau 0.4": {"quantizer": ["tau"]},
+    "c fixed at 1, refit codebooks": {
+        "quantizer": ["learn_curvature", "curvature_keeps_scale"],
+        "train": ["refit_codebooks"],
+    },
+}
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_sixteen_bit_study_starts_from_todays_configs(study, bits):
+    """The sixteen study's reference is the configs as they are now; each candidate changes the fields its name
+    says and nothing else (c fixed at 1 with refit only at 16 bits, the other bit lengths have both already)."""
+    cands = study.sixteen_bit_candidates(bits)
+    assert ("c fixed at 1, refit codebooks" in cands) == (bits == 16)
+    args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
+    for set_name in study.HELD_OUT_SETS:
+        over = study.set_overrides(set_name, args)
+        ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (today's configs)"]]).to_dict()
+        today = _todays_config(bits, over, ref)
+        for section in ("projector", "quantizer", "loss", "train"):
+            assert ref[section] == today[section], (set_name, section)
+        for name, cand in cands.items():
+            cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
+            fields = SIXTEEN.get(name, {})
+            for sec, keys in fields.items():
+                assert any(cfg[sec][k] != ref[sec][k] for k in keys), name
+                cfg[sec].update({k: ref[sec][k] for k in keys})
+            for section in ("projector", "quantizer", "loss", "train"):
+                assert cfg[section] == ref[section], (name, section)
