@@ -60,7 +60,8 @@ def test_sharpness_candidates_start_from_the_configs_as_they_were(study, bits):
 
 
 @pytest.mark.parametrize(
-    "name", ["sharpness", "training", "levers", "neighbours", "refresh", "weights", "codes", "length", "refit"]
+    "name",
+    ["sharpness", "training", "levers", "neighbours", "refresh", "weights", "codes", "length", "refit", "sixteen"],
 )
 def test_candidates_give_the_configs_the_recorded_study_ran(study, name):
     """Every record of bench/results/<name>_study.json was trained with the config its candidate gives now: the
@@ -216,6 +217,7 @@ SIXTEEN = {
     "prototype loss only (lambda2 0)": {"loss": ["lambda2"]},
     "quantizer tau 0.1": {"quantizer": ["tau"]},
     "quantizer tau 0.4": {"quantizer": ["tau"]},
+    "dropout 0.3": {"projector": ["dropout"]},
     "c fixed at 1, refit codebooks": {
         "quantizer": ["learn_curvature", "curvature_keeps_scale"],
         "train": ["refit_codebooks"],
