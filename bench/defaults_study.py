@@ -19,7 +19,7 @@
     ... --study codes       # the codes' use of their space (c fixed at 1, re-seeded dead codewords)
     ... --study length      # training length with neighbour pairs
     ... --study refit       # codebooks fitted again by k-means after training
-    ... --study sixteen     # levers at 16 bits: neighbour k / p, lambda2, the quantizer's tau, c = 1 with refit
+    ... --study sixteen     # levers at 16 bits: neighbour k / p, lambda2, the quantizer's tau, dropout, c = 1 + refit
 
 Tuning sets (neither holds a CIFAR-10 (II) query):
 - ``cifar-train``: the CIFAR-10 (II) training images only (:meth:`PreparedFeatures.validation_fold`): 1,000 of
