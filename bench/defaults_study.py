@@ -421,17 +421,26 @@ def set_overrides(name: str, args) -> list[str]:
     ]
 
 
-def tuning_sets(args, names: list[str]) -> dict[str, tuple[list[str], object]]:
-    """name -> (overrides every run of the set gets, its PreparedFeatures)."""
+def tuning_sets(args, names: list[str], features: tuple[str, ...] = ()) -> dict[str, tuple[list[str], object]]:
+    """name -> (overrides every run of the set gets, its PreparedFeatures); ``features`` are a candidate's
+    ``features.*`` overrides (e.g. more cached views), which change the features it trains on."""
     sets, cifar = {}, None  # both CIFAR sets are folds of the same CIFAR-10 (II) features: read them once
     for name in names:
         over = set_overrides(name, args)
         if name in CIFAR_FOLDS:
-            cifar = cifar or prepare_features(load_config("cifar10-ii-32", over))
+            cifar = cifar or prepare_features(load_config("cifar10-ii-32", [*over, *features]))
             sets[name] = (over, cifar.validation_fold(**CIFAR_FOLDS[name]))
         else:
-            sets[name] = (over, prepare_features(load_config("cifar10-ii-32", over)))
+            sets[name] = (over, prepare_features(load_config("cifar10-ii-32", [*over, *features])))
     return sets
+
+
+def check_views(cand: list[str], cfg, prep) -> None:
+    """A record must say which views it trained on: the cached views' count is the config's, or the candidate's
+    ``study.views=N``."""
+    want = next((int(o[len(VIEWS) :]) for o in cand if o.startswith(VIEWS)), cfg.features.n_views)
+    if prep.views.shape[1] != want:
+        raise RuntimeError(f"trained on {prep.views.shape[1]} cached views per image, the candidate asks {want}")
 
 
 def main() -> None:
@@ -463,7 +472,9 @@ def main() -> None:
     if args.report:
         return summarise(records)
     default_sets = ["cifar-train", "fashion"] if args.study in TUNING_SET_STUDIES else HELD_OUT_SETS
-    sets = tuning_sets(args, args.sets or default_sets)
+    names = args.sets or default_sets
+    prepared = {(): tuning_sets(args, names)}  # features overrides -> the sets prepared with them, on first use
+    sets = prepared[()]
     done = {(r["bits"], r["candidate"], r["tuning_set"], r["seed"]) for r in records}  # a rerun resumes
     for bits, seed in itertools.product(args.bits, args.seed):
         if args.baselines:  # PCA+OPQ on the same tuning sets: the margin a default must win by
@@ -490,11 +501,16 @@ def main() -> None:
         for name, cand in candidates(bits).items():
             if args.baselines or (args.only and name not in args.only):
                 continue
-            for set_name, (over, prep) in sets.items():
+            features = tuple(o for o in cand if o.startswith("features."))
+            for set_name in names:
                 if (bits, name, set_name, seed) in done:
                     continue
+                if features not in prepared:
+                    prepared[features] = tuning_sets(args, names, features)
+                over, prep = prepared[features][set_name]
                 cand_over, cand_prep = split_candidate(cand, prep)
                 cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand_over, f"seed={seed}"])
+                check_views(cand, cfg, cand_prep)
                 scores = run_learned(cfg, cand_prep, progress=False)
                 value = float(scores[f"map_at_{cfg.eval.topk}"])
                 print(

@@ -249,3 +249,17 @@ def test_sixteen_bit_study_starts_from_todays_configs(study, bits):
                 cfg[sec].update({k: ref[sec][k] for k in keys})
             for section in ("features", "projector", "quantizer", "loss", "train"):
                 assert cfg[section] == ref[section], (name, section)
+
+
+def test_a_record_says_which_views_it_trained_on(study):
+    """A candidate that asks for more cached views (features.n_views) or fewer (study.views=N) must train on that
+    many, or the run stops before its record is written."""
+    prep = SimpleNamespace(views=np.zeros((3, 8, 2)))
+    cfg = load_config("cifar10-ii-16", ["features.n_views=16"])
+    with pytest.raises(RuntimeError, match="8 cached views per image, the candidate asks 16"):
+        study.check_views(["features.n_views=16"], cfg, prep)
+    study.check_views([], load_config("cifar10-ii-16"), prep)
+    four = SimpleNamespace(views=prep.views[:, :4])  # (what split_candidate gives for study.views=4)
+    with pytest.raises(RuntimeError, match="4 cached views"):
+        study.check_views([], load_config("cifar10-ii-16"), four)
+    study.check_views(["study.views=4"], load_config("cifar10-ii-16"), four)
