@@ -267,6 +267,23 @@ def test_poincare_view_without_reduction_is_the_direct_map():
     np.testing.assert_allclose(view.codewords, to_poincare(cw, c), atol=1e-6)
 
 
+def test_poincare_view_draws_a_one_dimensional_subspace_on_the_diameter(tmp_path):
+    model = _model(feature_dim=8)  # D = 2: 1-d hyperbolic subspaces
+    x, labels = _features()
+    view = poincare_view(model, x, subspace=0, levels=(6, 3))
+    assert not view.reduced and view.dim == 1
+    assert view.points.shape == (len(x), 2) and view.codewords.shape == (16, 2)
+    for arr in (view.points, view.codewords, *view.prototypes):
+        assert np.all(arr[:, 1] == 0) and np.all(np.abs(arr[:, 0]) < 1.0)
+    model.eval()
+    with torch.no_grad():
+        h = model.embed(torch.from_numpy(x))[:, 0]
+    np.testing.assert_allclose(
+        view.points[:, 0], to_poincare(h, float(model.quantizer.curvature[0].detach()))[:, 0], atol=1e-6
+    )
+    assert _is_png(plot_poincare(model, x, labels, tmp_path / "line.png", levels=(6, 3)))
+
+
 def test_poincare_view_reduces_in_the_tangent_space():
     model = _model(feature_dim=16)  # D = 4: 3-d hyperbolic subspaces, reduced to 2-d
     x, _ = _features()
@@ -372,11 +389,10 @@ def test_benchmark_evaluation_matches_the_library_one():
         assert prec[ks.index(k)] == pytest.approx(p, abs=1e-12)
 
 
-def test_bench_end_to_end(tmp_path, capsys):
-    from hihpq.cli import main
-
+def _tiny_bench(tmp_path) -> list[str]:
+    """Overrides that make a bench run of a generated folder take seconds."""
     images = write_colour_folder(tmp_path / "images")
-    tiny = [
+    return [
         "data.dataset=folder",
         f"data.root={images}",
         "data.n_query=15",
@@ -395,6 +411,12 @@ def test_bench_end_to_end(tmp_path, capsys):
         "train.batch_size=32",
         "eval.topk=20",
     ]
+
+
+def test_bench_end_to_end(tmp_path, capsys):
+    from hihpq.cli import main
+
+    tiny = _tiny_bench(tmp_path)
     out = tmp_path / "grid" / "results.json"
     argv = ["bench", "--protocol", "cifar10-ii", "--methods", "hihpq", "itq", "--bits", "16", "--seeds", "2021"]
     argv += ["--out", str(out), "--quiet"] + [a for o in tiny for a in ("-o", o)]
@@ -432,6 +454,30 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert table.splitlines()[0] == title and "| HiHPQ |" in table and "| ITQ |" not in table
     assert main(["report", str(tmp_path / "missing.json")]) == 2
     assert "no results file" in capsys.readouterr().err
+
+
+def test_bench_trains_each_bit_length_on_the_views_its_config_asks(tmp_path, monkeypatch):
+    """A bit length whose config caches another number of views gets features of its own, not the first bit
+    length's (a silently different training set)."""
+    import hihpq.benchmark as bench
+    from hihpq.cli import main
+
+    real_config, real_run = bench.method_config, bench.run_learned
+    trained = []
+
+    def method_config(protocol, method, bits, seed, overrides):
+        return real_config(protocol, method, bits, seed, [*overrides, *(["features.n_views=3"] if bits == 32 else [])])
+
+    def run_learned(cfg, prep, *args, **kwargs):
+        trained.append((cfg.quantizer.bits, cfg.features.n_views, prep.views.shape[1]))
+        return real_run(cfg, prep, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "method_config", method_config)
+    monkeypatch.setattr(bench, "run_learned", run_learned)
+    argv = ["bench", "--protocol", "cifar10-ii", "--methods", "hihpq", "--bits", "16", "32", "--seeds", "1"]
+    argv += ["--out", str(tmp_path / "grid.json"), "--quiet"] + [a for o in _tiny_bench(tmp_path) for a in ("-o", o)]
+    assert main(argv) == 0
+    assert trained == [(16, 2, 2), (32, 3, 3)]
 
 
 def test_bench_refuses_bad_arguments_before_any_work(tmp_path, capsys):

@@ -150,6 +150,12 @@ def merge_records(path: Path, new: list[dict]) -> list[dict]:
     return merged
 
 
+def features_key(cfg: Config) -> str:
+    """What :func:`prepare_features` reads of a config: runs that agree on it can share one PreparedFeatures."""
+    d = cfg.to_dict()
+    return json.dumps({"device": d["train"]["device"], **{s: d[s] for s in ("data", "backbone", "features")}})
+
+
 def run_grid(
     protocol: str,
     methods: list[str],
@@ -163,6 +169,8 @@ def run_grid(
 ) -> list[dict]:
     """Run every (method, bits, seed) on cached features and merge the records into ``out``.
 
+    The features are computed once for the first bit length's config, and again for a learned method whose
+    config reads them otherwise (e.g. another number of cached views at one bit length).
     Per-run details go to ``out`` without its suffix (``<method>-<bits>-<seed>.json``); with ``report`` that
     folder also receives the report of every record in ``out`` (table.md and plots, :func:`write_grid_report`)
     and a Poincare-disk view of the last trained ``hihpq`` model (else the last learned one).
@@ -181,13 +189,14 @@ def run_grid(
     t0 = time.perf_counter()
     prep = prepare_features(base, data_dir=data_dir, progress=progress)
     features_s = time.perf_counter() - t0
+    preps = {features_key(base): prep}  # (baselines use the clean features, which every config shares)
     print(prep.split.summary(), f"(features ready in {features_s:.0f} s)")
     command = _command_line()
     commit = git_commit()
     key = f"map_at_{base.eval.topk}"
     records: list[dict] = []
     details_dir = out.with_suffix("")
-    shown = None  # (model, config, method, bits, seed) of the model drawn on the Poincare disk
+    shown = None  # (model, config, method, bits, seed, features) of the model drawn on the Poincare disk
     for seed in seeds:
         for bits in bits_list:
             for method in methods:
@@ -199,10 +208,13 @@ def run_grid(
                     config = None
                 else:
                     cfg = method_config(protocol, method, bits, seed, list(overrides))
-                    scores, model = run_learned(cfg, prep, progress, return_model=True)
+                    fkey = features_key(cfg)
+                    if fkey not in preps:
+                        preps[fkey] = prepare_features(cfg, data_dir=data_dir, progress=progress)
+                    scores, model = run_learned(cfg, preps[fkey], progress, return_model=True)
                     rec_bits, config = bits, cfg.to_dict()
                     if method == "hihpq" or shown is None or shown[2] != "hihpq":
-                        shown = (model, cfg, method, bits, seed)
+                        shown = (model, cfg, method, bits, seed, preps[fkey])
                     del model
                 record = {
                     "method": method,
@@ -233,8 +245,9 @@ def run_grid(
     if report:
         paths = []
         if shown is not None:  # first, so that table.md can show it
-            model, cfg, method, bits, seed = shown
-            paths.append(plot_model_poincare(model, cfg, prep, details_dir / f"poincare-{method}-{bits}-{seed}.png"))
+            model, cfg, method, bits, seed, features = shown
+            disk = details_dir / f"poincare-{method}-{bits}-{seed}.png"
+            paths.append(plot_model_poincare(model, cfg, features, disk))
         paths += write_grid_report(out, title=f"{protocol}: {prep.split.summary()}")
         print(f"report: {', '.join(p.name for p in paths)} in {details_dir}/")
     return records

@@ -364,6 +364,9 @@ def poincare_view(
         prs = [(p - mean) @ basis for p in prs]
     else:
         kept = 1.0
+        if dim == 1:  # a one-dimensional subspace: its points lie on the disk's horizontal diameter
+            pts, cws = (np.pad(a, ((0, 0), (0, 1))) for a in (pts, cws))
+            prs = [np.pad(p, ((0, 0), (0, 1))) for p in prs]
     if lorentz:
         from hihpq.geometry import lorentz as L
 
