@@ -316,6 +316,47 @@ def test_view_cache_keys(folder_dataset, tmp_path):
     assert len({a.path, *(o.path for o in others)}) == 4
 
 
+class CountingBackbone(TinyBackbone):
+    """Counts the views it encodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return super().forward(x)
+
+
+def test_more_views_extend_the_cached_ones(image_folder, tmp_path):
+    """Asking for more views of cached images computes only the missing ones: the result is the views a fresh
+    run gives (view v of image i depends on (seed, i, v) only), unreadable images stay invalid, and the larger
+    set is cached for the next call."""
+    (image_folder / "dog" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    ds = ImageFolderDataset(image_folder)
+    idx = np.arange(len(ds))
+    bad = ds.paths.index("dog/zz_broken.jpg")
+    cache, model = FeatureCache(tmp_path / "cache"), CountingBackbone()
+    kw = {"augment": AugmentConfig(resolution=16), "seed": 3, "progress": False, "batch_size": 6}
+    two = _views(model, ds, idx, n_views=2, cache=cache, **kw)
+    model.images = 0
+    five = _views(model, ds, idx, n_views=5, cache=cache, **kw)
+    assert five.computed and five.features.shape == (len(ds), 5, 5)
+    assert model.images == 3 * len(ds)  # views 3-5 only
+    fresh = _views(CountingBackbone(), ds, idx, n_views=5, **kw)
+    np.testing.assert_allclose(five.features.astype(np.float32), fresh.features, rtol=2e-3, atol=1e-3)
+    np.testing.assert_array_equal(five.features[:, :2], two.features)
+    assert not five.valid[bad] and five.n_skipped == 1 and five.skipped == two.skipped
+    again = _views(model, ds, idx, n_views=5, cache=cache, **kw)
+    assert not again.computed and again.path == five.path
+    np.testing.assert_array_equal(again.features, five.features)
+    model.images = 0
+    _views(model, ds, idx, n_views=6, cache=cache, **kw)
+    assert model.images == len(ds)  # from the five views, the largest set cached
+    other = _views(model, ds, idx[:-1], n_views=7, cache=cache, **kw)  # other images: nothing to extend
+    assert other.computed and model.images == len(ds) * (1 + 7) - 7
+
+
 def test_extraction_keeps_mode_and_needs_frozen_backbone(folder_dataset, tmp_path):
     model = TinyBackbone()
     model.train()

@@ -409,7 +409,8 @@ class _ViewItems(torch.utils.data.Dataset):
     """Row j -> (V augmented views (V, 3, H, W), dataset index i, ok) of image i = ``indices[j]``.
 
     View v of image i is drawn with seed ``derive_seed(seed, i, v)``: independent of batching, workers
-    and the resume point. The image is decoded once for all its views.
+    and the resume point. The image is decoded once for all its views. ``first``: the number of the first
+    view (views ``first .. first + V - 1``: more views added to a cached set are those a larger set holds).
     """
 
     def __init__(
@@ -420,10 +421,11 @@ class _ViewItems(torch.utils.data.Dataset):
         n_views: int,
         seed: int,
         draft_size: int | None = None,
+        first: int = 0,
     ) -> None:
         self.source, self.indices = source.with_transform(None), indices
         self.source.draft_size = draft_size
-        self.transform, self.n_views, self.seed = transform, n_views, seed
+        self.transform, self.n_views, self.seed, self.first = transform, n_views, seed, first
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -433,7 +435,7 @@ class _ViewItems(torch.utils.data.Dataset):
         views = []
         # one save/restore of the caller's generator per image, a fresh seed per view
         with torch.random.fork_rng(devices=[]):
-            for v in range(self.n_views):
+            for v in range(self.first, self.first + self.n_views):
                 torch.manual_seed(derive_seed(self.seed, i, v))
                 views.append(self.transform(image))
         return torch.stack(views), i, ok
@@ -692,7 +694,8 @@ def extract_view_features(
 
     View v of dataset image i is drawn with seed ``derive_seed(seed, i, v)``, so the views are
     reproducible and independent of batch size, workers and resumption. The training loop draws two
-    different views per image per step from the result.
+    different views per image per step from the result. When the cache holds fewer views of the same images
+    (the same settings otherwise), only the missing views are computed and appended to them.
 
     Args:
         n_views: V, views per image.
@@ -731,18 +734,51 @@ def extract_view_features(
         "jpeg_draft": view_draft_size(augment) if jpeg_draft else None,
     }
     transform = train_transform(augment, backbone.mean, backbone.std)
-    return _extract(
-        backbone,
-        dataset,
-        idx,
-        _ViewItems(dataset, idx, transform, v, int(seed), fields["jpeg_draft"]),
-        fields,
-        (v, int(backbone.feature_dim)),
-        name="views",
-        images_per_batch=max(1, _positive_int("batch_size", batch_size) // v),
-        device=device,
-        cache=cache,
-        num_workers=num_workers,
-        progress=progress,
-        desc=f"{backbone.name} {v} views",
-    )
+    per_batch = _positive_int("batch_size", batch_size)
+
+    def views(first: int, n: int, cache: FeatureCache | None) -> ExtractedFeatures:
+        block = {**fields, "n_views": n, **({"first_view": first} if first else {})}
+        return _extract(
+            backbone,
+            dataset,
+            idx,
+            _ViewItems(dataset, idx, transform, n, int(seed), fields["jpeg_draft"], first),
+            block,
+            (n, int(backbone.feature_dim)),
+            name="views",
+            images_per_batch=max(1, per_batch // n),
+            device=device,
+            cache=cache,
+            num_workers=num_workers,
+            progress=progress,
+            desc=f"{backbone.name} {n} views" if not first else f"{backbone.name} views {first + 1}-{first + n}",
+        )
+
+    fewer = _fewer_cached_views(cache, fields) if cache is not None else None
+    if fewer is None:
+        return views(0, v, cache)
+    held = fewer["features"].shape[1]
+    added = views(held, v - held, None)  # (in memory: the composed entry below is what the cache keeps)
+
+    def compose(writer: CacheWriter) -> None:
+        writer.arrays["features"][:, :held] = fewer["features"]
+        writer.arrays["features"][:, held:] = added.features
+        writer.arrays["valid"][:] = fewer["valid"] & added.valid
+        writer.info.update(fewer.info, n_skipped=int(len(idx) - np.count_nonzero(writer.arrays["valid"])))
+
+    specs = {"features": ((len(idx), v, int(backbone.feature_dim)), np.float16), "valid": ((len(idx),), np.bool_)}
+    entry, _ = cache.get_or_compute(fields, compose, specs, name="views")
+    skipped = [str(x) for x in entry.info.get("skipped_examples", [])]
+    return ExtractedFeatures(entry["features"], entry["valid"], idx, skipped, entry.path, True)
+
+
+def _fewer_cached_views(cache: FeatureCache, fields: dict[str, Any]) -> CacheEntry | None:
+    """The cached entry of the most views below ``fields["n_views"]`` of the same images and settings, when
+    the entry of ``fields`` itself is not cached."""
+    if cache.lookup(fields, "views") is not None:
+        return None
+    for n in range(fields["n_views"] - 1, 0, -1):
+        entry = cache.lookup({**fields, "n_views": n}, "views")
+        if entry is not None:
+            return entry
+    return None
