@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import write_colour_folder, write_tiny_config
 from hihpq.cli import main
@@ -37,6 +38,7 @@ def test_train_writes_model_log_and_run_record(trained_run):
     record = json.loads((run / "run.json").read_text())
     assert record["seed"] == 2021 and record["config"]["quantizer"]["bits"] == 8
     assert record["versions"]["torch"] and "commit" in record
+    assert record["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability() and record["cpu"]["name"]
     log = json.loads((run / "log.json").read_text())
     assert len(log) == 6 and log[-1]["aug"] < log[0]["aug"]
     # 3 colour classes, 25 database images each: random ranking scores about 1/3.

@@ -91,6 +91,9 @@ def run_record(config: dict[str, Any] | None = None, seed: int | None = None, **
         "commit": git_commit(),
         "versions": versions(),
         "platform": platform.platform(),
+        # the same seed and code can train to a different mAP (a few tenths) on another CPU: float kernels differ
+        # with the instruction set, and training amplifies them; records paired across runs must share it
+        "cpu": {"name": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability()},
         "torch_threads": torch.get_num_threads(),
         "config": config,
         **extra,
