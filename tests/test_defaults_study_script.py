@@ -224,6 +224,10 @@ SIXTEEN = {
         "quantizer": ["learn_curvature", "curvature_keeps_scale"],
         "train": ["refit_codebooks"],
     },
+    "feature dim 32": {"quantizer": ["feature_dim"]},
+    "feature dim 128": {"quantizer": ["feature_dim"]},
+    "lambda1 0.5": {"loss": ["lambda1"]},
+    "weight decay 0.0005": {"train": ["weight_decay"]},
 }
 
 
@@ -232,7 +236,8 @@ def test_sixteen_bit_study_starts_from_todays_configs(study, bits):
     """The sixteen study's reference is the configs as they are now; each candidate changes the fields its name
     says and nothing else (c fixed at 1 with refit only at 16 bits, the other bit lengths have both already)."""
     cands = study.sixteen_bit_candidates(bits)
-    only_at_16 = {"c fixed at 1, refit codebooks", "16 cached views, 6,000 steps"}
+    only_at_16 = {"c fixed at 1, refit codebooks", "16 cached views, 6,000 steps", "feature dim 32", "feature dim 128"}
+    only_at_16 |= {"lambda1 0.5", "weight decay 0.0005"}
     assert only_at_16 <= set(cands) if bits == 16 else not only_at_16 & set(cands)
     assert set(cands) - {"defaults (today's configs)"} == set(SIXTEEN) - (only_at_16 - set(cands))
     args = SimpleNamespace(data="cifar", fashion="fashion", overrides=[])
