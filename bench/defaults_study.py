@@ -347,7 +347,8 @@ def sixteen_bit_candidates(bits: int) -> dict[str, list[str]]:
     at 16 bits training runs 3,000 steps, ~190 passes over each view of 2,000 images), alone and with 6,000 steps.
     A second round at 16 bits: the knobs the training study screened at 750 steps, when the 16-bit model was 4
     points worse and had neither neighbour pairs nor re-seeded codewords (a narrower and a wider feature, half the
-    prototype loss), and the weight decay no study had varied (3,000 steps are 200 epochs of 2,000 images).
+    prototype loss), and the weight decay no study had varied (3,000 steps are 200 epochs of 2,000 images); the
+    wider feature also at 32 and 64 bits, whose M = 4 and 8 subspaces get 16 and 8 dimensions of the 64.
 
     Its reference was not rerun at 16 bits: the codes study's "re-seeded codewords" records are the same config
     (README: Levers at 16 bits)."""
@@ -366,9 +367,9 @@ def sixteen_bit_candidates(bits: int) -> dict[str, list[str]]:
         cands["16 cached views, 6,000 steps"] = ["features.n_views=16", "train.steps=6000"]
     if bits == 16:  # (32 and 64 bits fix c at 1 and refit already)
         cands["c fixed at 1, refit codebooks"] = [*FIXED_C, "train.refit_codebooks=true"]
+    cands["feature dim 128"] = ["quantizer.feature_dim=128"]  # (64 at every bit length: 8 per subspace at 64 bits)
     if bits == 16:  # second round: knobs last screened at 750 steps, before neighbour pairs and re-seeding
         cands["feature dim 32"] = ["quantizer.feature_dim=32"]
-        cands["feature dim 128"] = ["quantizer.feature_dim=128"]
         cands["lambda1 0.5"] = ["loss.lambda1=0.5"]
         cands["weight decay 0.0005"] = ["train.weight_decay=0.0005"]
     return {name: [*pinned, *over] for name, over in cands.items()}
