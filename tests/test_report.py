@@ -432,7 +432,9 @@ def test_bench_end_to_end(tmp_path, capsys):
 
     folder = out.with_suffix("")
     for method in ("hihpq", "itq"):
-        scores = json.loads((folder / f"{method}-16-2021.json").read_text())["scores"]
+        detail = json.loads((folder / f"{method}-16-2021.json").read_text())
+        assert detail["environment"]["cpu"]["capability"] and detail["environment"]["versions"]["torch"]
+        scores = detail["scores"]
         pk, pr = scores["precision_curve"], scores["pr_curve"]
         assert pk["ks"][0] == 1 and pk["ks"][-1] == 20 and len(pr["recall"]) == len(pk["ks"])
         assert np.all(np.diff(pr["recall"]) >= 0)

@@ -25,7 +25,7 @@ from hihpq.build import build_loss, build_model, train_settings
 from hihpq.config import Config, load_config
 from hihpq.data.prepare import PreparedFeatures, prepare_features, resolve_levels
 from hihpq.evaluation import rank_database, retrieval_scores
-from hihpq.runinfo import git_commit, seed_everything, write_json
+from hihpq.runinfo import environment, git_commit, seed_everything, write_json
 from hihpq.train import Trainer
 
 VARIANTS = (
@@ -192,7 +192,7 @@ def run_grid(
     preps = {features_key(base): prep}  # (baselines use the clean features, which every config shares)
     print(prep.split.summary(), f"(features ready in {features_s:.0f} s)")
     command = _command_line()
-    commit = git_commit()
+    commit, env = git_commit(), environment()
     key = f"map_at_{base.eval.topk}"
     records: list[dict] = []
     details_dir = out.with_suffix("")
@@ -239,6 +239,7 @@ def run_grid(
                         "config": config,
                         "features_s": features_s,
                         "split": prep.split.identity(),
+                        "environment": env,
                     },
                 )
                 merge_records(out, [record])

@@ -82,6 +82,18 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def environment() -> dict[str, Any]:
+    """What a run's figures depend on besides its config, seed and commit."""
+    return {
+        "versions": versions(),
+        "platform": platform.platform(),
+        # the same seed and code can train to a different mAP (a few tenths) on another CPU: float kernels differ
+        # with the instruction set, and training amplifies them; records paired across runs must share it
+        "cpu": {"name": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability()},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def run_record(config: dict[str, Any] | None = None, seed: int | None = None, **extra: Any) -> dict[str, Any]:
     """A dictionary describing this run, to be written next to its results."""
     return {
@@ -89,12 +101,7 @@ def run_record(config: dict[str, Any] | None = None, seed: int | None = None, **
         "command": " ".join(sys.argv),
         "seed": seed,
         "commit": git_commit(),
-        "versions": versions(),
-        "platform": platform.platform(),
-        # the same seed and code can train to a different mAP (a few tenths) on another CPU: float kernels differ
-        # with the instruction set, and training amplifies them; records paired across runs must share it
-        "cpu": {"name": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability()},
-        "torch_threads": torch.get_num_threads(),
+        **environment(),
         "config": config,
         **extra,
     }
