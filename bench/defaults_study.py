@@ -547,20 +547,29 @@ def main() -> None:
     summarise(records)
 
 
+def machine(record: dict) -> str:
+    """The CPU a record ran on, as far as it says (torch's capability; records before the field: "unrecorded")."""
+    return record.get("cpu", {}).get("capability") or "unrecorded"
+
+
 def summarise(records: list[dict]) -> None:
     """Per bit length: each candidate's mAP per tuning set (the mean over the seeds run, their number in
     brackets when more than one) and the mean over the sets; the best mean is the choice (PCA+OPQ is listed as the
-    reference it must beat)."""
+    reference it must beat). When the records come from more than one kind of CPU, each candidate gets a row per
+    kind, named in brackets: the same seed trains to another mAP on another CPU, so rows only compare within one."""
+    mixed = len({machine(r) for r in records}) > 1
     by: dict[tuple[int, str], dict[str, list[float]]] = {}
     for r in records:
-        by.setdefault((r["bits"], r["candidate"]), {}).setdefault(r["tuning_set"], []).append(r["map"])
+        name = f"{r['candidate']} [{machine(r)}]" if mixed else r["candidate"]
+        by.setdefault((r["bits"], name), {}).setdefault(r["tuning_set"], []).append(r["map"])
     sets = sorted({r["tuning_set"] for r in records})
     for bits in sorted({b for b, _ in by}):
         rows = [
             (name, {s: sum(v) / len(v) for s, v in runs.items()}, runs) for (b, name), runs in by.items() if b == bits
         ]
         rows.sort(key=lambda row: -sum(row[1].values()) / len(row[1]))
-        print(f"\n{bits} bits   " + "  ".join(f"{s:>17}" for s in sets) + "          mean")
+        width = max(30, *(len(name) for name, _, _ in rows))
+        print(f"\n{f'{bits} bits':<{width + 3}}" + "  ".join(f"{s:>17}" for s in sets) + "          mean")
         for name, vals, runs in rows:
             cells = "  ".join(
                 f"{100 * vals[s]:12.2f} {f'({len(runs[s])})' if len(runs[s]) > 1 else '':>4}"
@@ -568,7 +577,7 @@ def summarise(records: list[dict]) -> None:
                 else f"{'-':>17}"
                 for s in sets
             )
-            print(f"  {name:<30} {cells}  {100 * sum(vals.values()) / len(vals):12.2f}")
+            print(f"  {name:<{width}} {cells}  {100 * sum(vals.values()) / len(vals):12.2f}")
 
 
 if __name__ == "__main__":

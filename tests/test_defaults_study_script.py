@@ -268,3 +268,20 @@ def test_a_record_says_which_views_it_trained_on(study):
     with pytest.raises(RuntimeError, match="4 cached views"):
         study.check_views([], load_config("cifar10-ii-16"), four)
     study.check_views(["study.views=4"], load_config("cifar10-ii-16"), four)
+
+
+def test_the_summary_keeps_records_of_different_cpus_apart(study, capsys):
+    """The same config and seed train to another mAP on another CPU: a summary of records from two kinds of CPU
+    gives each candidate a row per kind instead of averaging across them."""
+    rec = {"bits": 16, "candidate": "defaults", "tuning_set": "fashion-10pct"}
+    records = [
+        {**rec, "seed": 1, "map": 0.7369},  # (made before records said which CPU)
+        {**rec, "seed": 1, "map": 0.7343, "cpu": {"name": "x", "capability": "AVX512"}},
+        {**rec, "seed": 2, "map": 0.7365, "cpu": {"name": "x", "capability": "AVX512"}},
+    ]
+    study.summarise(records)
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  defaults")]
+    assert sorted((r[1], r[2]) for r in rows) == [("[AVX512]", "73.54"), ("[unrecorded]", "73.69")]
+    study.summarise(records[1:])
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  defaults")]
+    assert rows == [["defaults", "73.54", "(2)", "73.54"]]
