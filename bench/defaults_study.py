@@ -348,7 +348,8 @@ def sixteen_bit_candidates(bits: int) -> dict[str, list[str]]:
     A second round at 16 bits: the knobs the training study screened at 750 steps, when the 16-bit model was 4
     points worse and had neither neighbour pairs nor re-seeded codewords (a narrower and a wider feature, half the
     prototype loss), and the weight decay no study had varied (3,000 steps are 200 epochs of 2,000 images); the
-    wider feature also at 32 and 64 bits, whose M = 4 and 8 subspaces get 16 and 8 dimensions of the 64.
+    wider feature also at 32 and 64 bits, whose M = 4 and 8 subspaces get 16 and 8 dimensions of the 64, there
+    alone and with the 16-bit model's 3,000 steps.
 
     Its reference was not rerun at 16 bits: the codes study's "re-seeded codewords" records are the same config
     (README: Levers at 16 bits)."""
@@ -368,6 +369,8 @@ def sixteen_bit_candidates(bits: int) -> dict[str, list[str]]:
     if bits == 16:  # (32 and 64 bits fix c at 1 and refit already)
         cands["c fixed at 1, refit codebooks"] = [*FIXED_C, "train.refit_codebooks=true"]
     cands["feature dim 128"] = ["quantizer.feature_dim=128"]  # (64 at every bit length: 8 per subspace at 64 bits)
+    if bits != 16:  # the wider feature gained only with the 16-bit model's 3,000 steps
+        cands["feature dim 128, 3,000 steps"] = ["quantizer.feature_dim=128", "train.steps=3000"]
     if bits == 16:  # second round: knobs last screened at 750 steps, before neighbour pairs and re-seeding
         cands["feature dim 32"] = ["quantizer.feature_dim=32"]
         cands["lambda1 0.5"] = ["loss.lambda1=0.5"]
