@@ -351,8 +351,9 @@ def sixteen_bit_candidates(bits: int) -> dict[str, list[str]]:
     wider feature also at 32 and 64 bits, whose M = 4 and 8 subspaces get 16 and 8 dimensions of the 64, there
     alone and with the 16-bit model's 3,000 steps.
 
-    Its reference was not rerun at 16 bits: the codes study's "re-seeded codewords" records are the same config
-    (README: Levers at 16 bits)."""
+    Round one's reference was not rerun at 16 bits: the codes study's "re-seeded codewords" records are the same
+    config. The second round runs its own ("defaults (today's configs)") on its machine, since the same seed
+    trains to another mAP on another CPU (README: Levers at 16 bits)."""
     pinned = [*_pinned_after_training(bits), *NEIGHBOURS_10, *RESEED_AT_16[bits], *REFIT_AT_32_64[bits]]
     cands = {
         "defaults (today's configs)": [],
@@ -364,17 +365,16 @@ def sixteen_bit_candidates(bits: int) -> dict[str, list[str]]:
         "dropout 0.3": ["projector.dropout=0.3"],
         "16 cached views": ["features.n_views=16"],
     }
+    cands["feature dim 128"] = ["quantizer.feature_dim=128"]  # (64 at every bit length: 8 per subspace at 64 bits)
     if bits == 16:
         cands["16 cached views, 6,000 steps"] = ["features.n_views=16", "train.steps=6000"]
-    if bits == 16:  # (32 and 64 bits fix c at 1 and refit already)
-        cands["c fixed at 1, refit codebooks"] = [*FIXED_C, "train.refit_codebooks=true"]
-    cands["feature dim 128"] = ["quantizer.feature_dim=128"]  # (64 at every bit length: 8 per subspace at 64 bits)
-    if bits != 16:  # the wider feature gained only with the 16-bit model's 3,000 steps
-        cands["feature dim 128, 3,000 steps"] = ["quantizer.feature_dim=128", "train.steps=3000"]
-    if bits == 16:  # second round: knobs last screened at 750 steps, before neighbour pairs and re-seeding
+        cands["c fixed at 1, refit codebooks"] = [*FIXED_C, "train.refit_codebooks=true"]  # (32 / 64 bits have both)
+        # second round: knobs last screened at 750 steps, before neighbour pairs and re-seeding
         cands["feature dim 32"] = ["quantizer.feature_dim=32"]
         cands["lambda1 0.5"] = ["loss.lambda1=0.5"]
         cands["weight decay 0.0005"] = ["train.weight_decay=0.0005"]
+    else:  # the wider feature gained only with the 16-bit model's 3,000 steps
+        cands["feature dim 128, 3,000 steps"] = ["quantizer.feature_dim=128", "train.steps=3000"]
     return {name: [*pinned, *over] for name, over in cands.items()}
 
 
