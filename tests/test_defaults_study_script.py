@@ -228,6 +228,9 @@ SIXTEEN = {
     "feature dim 128": {"quantizer": ["feature_dim"]},
     "lambda1 0.5": {"loss": ["lambda1"]},
     "weight decay 0.0005": {"train": ["weight_decay"]},
+    "weight decay 0.01": {"train": ["weight_decay"]},
+    "tau_qc 0.15": {"loss": ["tau_qc"]},
+    "step size x2 (lr 0.02)": {"train": ["lr"]},
     "feature dim 128, 3,000 steps": {"quantizer": ["feature_dim"], "train": ["steps"]},
 }
 
@@ -238,7 +241,7 @@ def test_sixteen_bit_study_starts_from_todays_configs(study, bits):
     says and nothing else (c fixed at 1 with refit only at 16 bits, the other bit lengths have both already)."""
     cands = study.sixteen_bit_candidates(bits)
     only_at_16 = {"c fixed at 1, refit codebooks", "16 cached views, 6,000 steps", "feature dim 32"}
-    only_at_16 |= {"lambda1 0.5", "weight decay 0.0005"}
+    only_at_16 |= {"lambda1 0.5", "weight decay 0.0005", "weight decay 0.01", "tau_qc 0.15", "step size x2 (lr 0.02)"}
     not_at_16 = {"feature dim 128, 3,000 steps"}  # (the 16-bit model trains 3,000 steps already)
     expected = set(SIXTEEN) - (not_at_16 if bits == 16 else only_at_16)
     assert set(cands) - {"defaults (today's configs)"} == expected
