@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hihpq.losses import HiHPQLoss, instance_loss, prototype_loss, quantized_contrastive_loss
+from hihpq.losses import HiHPQLoss, instance_loss, prototype_loss, quantized_contrastive_loss, subspace_correlation
 from hihpq.quantizer import ProductQuantizer
 
 M, D = 3, 4
@@ -345,6 +345,69 @@ def test_vanilla_and_warmup_give_l_aug_only():
     total, parts = proto_only(x1, x2, distance=d, prototypes=protos, assignments=assign, positives=positives)
     torch.testing.assert_close(total, aug + prototype_loss(x1, protos, assign, distance=d, tau=0.2))
     assert parts["ins"].item() == 0
+
+
+def _slow_subspace_correlation(t: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Loops over subspace pairs and coordinates: the Pearson correlation of every coordinate pair, squared."""
+    _, M, D = t.shape
+    values = []
+    for m in range(M):
+        for n in range(m + 1, M):
+            for i in range(D):
+                for j in range(D):
+                    a, b = t[:, m, i], t[:, n, j]
+                    cov = ((a - a.mean()) * (b - b.mean())).mean()
+                    sa, sb = ((a - a.mean()) ** 2).mean(), ((b - b.mean()) ** 2).mean()
+                    values.append((cov / torch.sqrt((sa + eps) * (sb + eps))) ** 2)
+    return torch.stack(values).mean() * D
+
+
+@pytest.mark.parametrize("M", [2, 3])
+def test_subspace_correlation_matches_reference_and_its_extremes(M):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(50, M, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(subspace_correlation(t), _slow_subspace_correlation(t))
+    # Copies of one subspace (up to scale and shift): every coordinate correlates 1 with its twin, 0 with the
+    # others (independent coordinates, nearly).
+    base = torch.randn(4000, 1, 4, generator=g, dtype=torch.float64)
+    copies = torch.cat([base, 3 * base + 1, -base][:M], dim=1)
+    assert subspace_correlation(copies).item() == pytest.approx(1, abs=0.02)
+    independent = torch.randn(4000, M, 4, generator=g, dtype=torch.float64)
+    assert subspace_correlation(independent).item() < 0.01
+    # Mixing subspace 0 into 1 raises it: corr^2 = 1 / 1.25 for each coordinate of one of the M(M-1)/2 pairs;
+    # it is invariant to a per-coordinate scale.
+    mixed = independent.clone()
+    mixed[:, 1] = independent[:, 0] + 0.5 * independent[:, 1]
+    assert subspace_correlation(mixed).item() == pytest.approx(0.8 / (M * (M - 1) / 2), abs=0.02)
+    torch.testing.assert_close(
+        subspace_correlation(mixed * 5.0), subspace_correlation(mixed), rtol=1e-4, atol=0
+    )  # (eps)
+
+
+def test_subspace_correlation_gradcheck_float64():
+    t = torch.randn(12, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(subspace_correlation, (t,))
+
+
+def test_decorrelation_term_is_weighted_in_the_objective():
+    q = _quantizer()
+    d = q.pairwise_distance
+    x1, x2, *_ = _hierarchy_inputs(q)
+    t = torch.randn(6, 2, 3, dtype=torch.float64)
+    plain = HiHPQLoss(tau=0.3)
+    total, parts = plain(x1, x2, distance=d, tangents=t)  # off by default: the tangents change nothing
+    assert "decorr" not in parts
+    torch.testing.assert_close(total, quantized_contrastive_loss(x1, x2, distance=d, tau=0.3))
+    loss = HiHPQLoss(tau=0.3, decorrelation=0.5)
+    total, parts = loss(x1, x2, distance=d, tangents=t)
+    expected = quantized_contrastive_loss(x1, x2, distance=d, tau=0.3) + 0.5 * subspace_correlation(t)
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(parts["decorr"], subspace_correlation(t))
+    assert "decorr" not in loss.terms(x1, x2, distance=d)  # no tangents given: no term
+    with pytest.raises(ValueError, match="decorrelation"):
+        HiHPQLoss(decorrelation=-1.0)
+    with pytest.raises(ValueError, match="M >= 2"):
+        subspace_correlation(torch.randn(6, 1, 3))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -82,6 +82,23 @@ def test_training_lowers_the_loss_and_codes_beat_random(tmp_path):
     assert scores["map_at_40"] > random_map + 0.3
 
 
+def test_decorrelation_lowers_the_subspaces_correlation(tmp_path):
+    """loss.decorrelation trains the subspaces apart: the trained model's subspaces correlate less than the same
+    run's without it, and the term is logged."""
+    from hihpq.losses import subspace_correlation
+
+    clean, views, _ = _blobs()
+    measured = {}
+    for weight in (0.0, 1.0):
+        trainer = _trainer(_cfg(tmp_path, "train.epochs=6", f"loss.decorrelation={weight}"))
+        history = trainer.fit(CachedViews(views, clean))
+        assert ("decorr" in history[-1]) == (weight > 0)
+        trainer.model.eval()
+        with torch.no_grad():
+            measured[weight] = float(subspace_correlation(trainer.model.tangent(torch.as_tensor(clean).float())))
+    assert measured[1.0] < 0.5 * measured[0.0]
+
+
 def test_train_steps_sets_the_epochs_from_the_training_set_size(tmp_path):
     """train.steps: that many optimizer steps rounded up to whole epochs, whatever the number of images; the
     cosine schedule spans exactly those steps."""

@@ -53,6 +53,7 @@ def build_loss(cfg: Config) -> HiHPQLoss:
         lambda1=loss.lambda1,
         lambda2=loss.lambda2,
         instance_denominator=loss.instance_denominator,
+        decorrelation=loss.decorrelation,
     )
 
 

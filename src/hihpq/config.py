@@ -106,6 +106,8 @@ class LossConfig:
     lambda2: float = 0.1  # instance-wise loss weight
     # Eq. 19's denominator: ours (positive + other anchors, a proper InfoNCE) | paper (other anchors only)
     instance_denominator: str = "ours"
+    # weight of the subspaces' cross-correlation penalty (ours, 0 = off; hihpq.losses.subspace_correlation)
+    decorrelation: float = 0.0
 
 
 @dataclass
@@ -363,6 +365,7 @@ SCHEMA: dict[str, Spec] = {
     "loss.lambda1": _NON_NEGATIVE,
     "loss.lambda2": _NON_NEGATIVE,
     "loss.instance_denominator": _str("ours", "paper"),
+    "loss.decorrelation": _NON_NEGATIVE,
     "hierarchy.levels": Spec("int_list", 1),
     "hierarchy.n_subclusters": _int(1, none=True),
     "hierarchy.warmup_epochs": _int(0),

@@ -34,6 +34,7 @@ __all__ = [
     "instance_loss",
     "prototype_loss",
     "quantized_contrastive_loss",
+    "subspace_correlation",
 ]
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -211,6 +212,27 @@ def instance_loss(
     return torch.stack(per_level).mean()
 
 
+def subspace_correlation(t: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean squared cross-correlation between the subspaces of a batch (ours, not in the paper).
+
+    t: (B, M, D) per-subspace vectors (the tangent vectors at the origin). Each of the M * D coordinates is
+    standardised over the batch; for every pair of subspaces m < m' the D x D cross-correlation matrix C is
+    taken, and the result is sum(C**2) / D averaged over the pairs: 0 when the subspaces are uncorrelated, 1 when
+    each coordinate of one is a linear function of one coordinate of another (for whitened subspaces, the mean
+    squared canonical correlation). A product
+    code of M subspaces that learn the same directions (the 16-bit model's top canonical correlations are ~0.97)
+    spends its bits twice; the penalty asks each subspace for what the others do not already encode.
+    """
+    t = _check_batch("t", t, 2)
+    if t.dim() != 3 or t.shape[1] < 2:
+        raise ValueError(f"t must be (B, M, D) with M >= 2 subspaces, got {tuple(t.shape)}")
+    B, M, D = t.shape
+    z = (t - t.mean(0)) / (t.var(0, unbiased=False) + eps).sqrt()  # (B, M, D) standardised per coordinate
+    corr = torch.einsum("bmi,bnj->mnij", z, z) / B  # (M, M, D, D)
+    pairs = torch.triu_indices(M, M, offset=1, device=t.device)
+    return corr[pairs[0], pairs[1]].pow(2).sum((-2, -1)).mean() / D
+
+
 class HiHPQLoss:
     """The HiHPQ objective L = L_aug + lambda1 L_prot + lambda2 L_ins (Eq. 20-21).
 
@@ -222,6 +244,8 @@ class HiHPQLoss:
         distance: default pairwise distance; a ``distance`` passed to the call takes precedence.
         instance_denominator: "ours" (positive in the denominator) or "paper" (Eq. 19 as printed); see
             :func:`instance_loss`.
+        decorrelation: weight of :func:`subspace_correlation` of the first view's tangent vectors (ours; 0, the
+            default, switches it off).
 
     Vanilla (lambda1 = lambda2 = 0) or warm-up (no hierarchy passed yet) gives L_aug alone. The hierarchy
     losses use the first view's quantized embeddings as anchors, as in the authors' code.
@@ -236,23 +260,27 @@ class HiHPQLoss:
         tau_hierarchy: float | None = None,
         distance: Distance | None = None,
         instance_denominator: str = "ours",
+        decorrelation: float = 0.0,
     ):
         self.tau = _check_tau(tau)
         self.instance_denominator = _check_denominator(instance_denominator)
         self.tau_hierarchy = self.tau if tau_hierarchy is None else _check_tau(tau_hierarchy)
-        for name, lam in (("lambda1", lambda1), ("lambda2", lambda2)):
+        for name, lam in (("lambda1", lambda1), ("lambda2", lambda2), ("decorrelation", decorrelation)):
             if isinstance(lam, bool) or not isinstance(lam, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(lam).__name__} {lam!r}")
             if not (math.isfinite(lam) and lam >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {lam}")
         self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
+        self.decorrelation = float(decorrelation)
         self.distance = None if distance is None else _check_distance(distance)
 
     def __call__(self, q1: torch.Tensor, q2: torch.Tensor, **inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted sum of :meth:`terms` (same arguments). Returns (total, {"aug", "prot", "ins"}), the parts
-        detached (0 where a part is off)."""
+        """The weighted sum of :meth:`terms` (same arguments). Returns (total, {"aug", "prot", "ins"} and "decorr"
+        when its weight is set), the parts detached (0 where a part is off)."""
         terms = self.terms(q1, q2, **inputs)
         weights = {"aug": 1.0, "prot": self.lambda1, "ins": self.lambda2}
+        if self.decorrelation > 0:
+            weights["decorr"] = self.decorrelation
         total = sum(weights[k] * v for k, v in terms.items())
         zero = terms["aug"].new_zeros(())
         return total, {k: terms[k].detach() if k in terms else zero for k in weights}
@@ -266,9 +294,11 @@ class HiHPQLoss:
         prototypes: Sequence[torch.Tensor] | None = None,
         assignments: Sequence[torch.Tensor] | None = None,
         positives: Sequence[torch.Tensor] | None = None,
+        tangents: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The unweighted terms that are on, with their graphs: "aug" always, "prot" when lambda1 > 0 and
-        prototypes are given, "ins" when lambda2 > 0 and positives are given.
+        prototypes are given, "ins" when lambda2 > 0 and positives are given, "decorr" when decorrelation > 0 and
+        tangents (B, M, D) are given.
 
         q1, q2 (B, ...): quantized embeddings of the two views. distance: overrides the constructor's.
         prototypes/assignments: per level, for L_prot (both or neither). positives: per level (B, ...), for L_ins.
@@ -285,10 +315,13 @@ class HiHPQLoss:
             terms["ins"] = instance_loss(
                 q1, positives, distance=distance, tau=self.tau_hierarchy, denominator=self.instance_denominator
             )
+        if self.decorrelation > 0 and tangents is not None:
+            terms["decorr"] = subspace_correlation(tangents)
         return terms
 
     def __repr__(self) -> str:
         return (
             f"HiHPQLoss(tau={self.tau}, lambda1={self.lambda1}, lambda2={self.lambda2}, "
-            f"tau_hierarchy={self.tau_hierarchy}, instance_denominator={self.instance_denominator!r})"
+            f"tau_hierarchy={self.tau_hierarchy}, instance_denominator={self.instance_denominator!r}, "
+            f"decorrelation={self.decorrelation})"
         )

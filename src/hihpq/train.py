@@ -730,6 +730,7 @@ class Trainer:
             prototypes=prototypes,
             assignments=assignments,
             positives=list(qs[2:]) if pos_idx else None,
+            tangents=self._first_view_tangents(out.tangent, n_groups) if self.loss.decorrelation > 0 else None,
         )
         if not torch.isfinite(total):  # the same global loss on every rank: all raise together
             self._diverged(f"the loss ({total.item()})", parts)
@@ -746,6 +747,11 @@ class Trainer:
             **{k: float(v) for k, v in parts.items()},
             "quant_error": float(qerr),
         }
+
+    def _first_view_tangents(self, tangent: torch.Tensor, n_groups: int) -> torch.Tensor:
+        """The first view's tangent vectors (B, M, D) of the whole global batch (the decorrelation penalty's
+        batch statistics are those one process would compute)."""
+        return _by_group(distributed.gather_rows(tangent.float()), n_groups, self.dist.world_size)[0]
 
     def _dropout_keep(self, n_groups: int, batch: int) -> torch.Tensor | None:
         """The projector's dropout mask for this rank's rows, cut from one mask of the whole global batch: every
