@@ -234,6 +234,7 @@ SIXTEEN = {
     "tau_qc 0.15": {"loss": ["tau_qc"]},
     "step size x2 (lr 0.02)": {"train": ["lr"]},
     "step size x4 (lr 0.04)": {"train": ["lr"]},
+    "feature dim 128, step size x2": {"quantizer": ["feature_dim"], "train": ["lr"]},
     "decorrelation 0.3": {"loss": ["decorrelation"]},
     "decorrelation 1": {"loss": ["decorrelation"]},
     "feature dim 128, 3,000 steps": {"quantizer": ["feature_dim"], "train": ["steps"]},
@@ -248,6 +249,7 @@ def test_sixteen_bit_study_starts_from_todays_configs(study, bits):
     only_at_16 = {"c fixed at 1, refit codebooks", "16 cached views, 6,000 steps", "feature dim 32"}
     only_at_16 |= {"lambda1 0.5", "weight decay 0.0005", "weight decay 0.01", "tau_qc 0.15", "step size x2 (lr 0.02)"}
     only_at_16 |= {"weight decay 0.02", "decorrelation 0.3", "decorrelation 1", "step size x4 (lr 0.04)"}
+    only_at_16 |= {"feature dim 128, step size x2"}
     not_at_16 = {"feature dim 128, 3,000 steps"}  # (the 16-bit model trains 3,000 steps already)
     expected = set(SIXTEEN) - (not_at_16 if bits == 16 else only_at_16)
     assert set(cands) - {"defaults (today's configs)"} == expected
