@@ -139,11 +139,18 @@ def test_the_last_training_length_given_decides(tmp_path):
         ),
         ("quantizer.curvature_param=softplus", "curvature_param"),
         ("loss.instance_denominator=both", "instance_denominator"),
+        ("loss.decorrelation=-1", "loss.decorrelation"),
     ],
 )
 def test_impossible_configs_are_refused_before_work(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("cifar10-ii-32", [override])
+
+
+def test_decorrelation_needs_two_subspaces():
+    with pytest.raises(ConfigError, match="decorrelates subspaces, and 8 bits of 256 codewords make one"):
+        load_config("cifar10-ii-16", ["quantizer.bits=8", "loss.decorrelation=1"])
+    assert load_config("cifar10-ii-16", ["quantizer.bits=8"]).loss.decorrelation == 0  # off: one subspace is fine
 
 
 def test_unknown_config_name_lists_builtins():

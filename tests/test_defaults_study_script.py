@@ -235,6 +235,8 @@ SIXTEEN = {
     "step size x2 (lr 0.02)": {"train": ["lr"]},
     "step size x4 (lr 0.04)": {"train": ["lr"]},
     "feature dim 128, step size x2": {"quantizer": ["feature_dim"], "train": ["lr"]},
+    "hierarchy 200/100/50": {"hierarchy": ["levels"]},
+    "hierarchy 80/40/20": {"hierarchy": ["levels"]},
     "decorrelation 0.3": {"loss": ["decorrelation"]},
     "decorrelation 1": {"loss": ["decorrelation"]},
     "feature dim 128, 3,000 steps": {"quantizer": ["feature_dim"], "train": ["steps"]},
@@ -249,7 +251,7 @@ def test_sixteen_bit_study_starts_from_todays_configs(study, bits):
     only_at_16 = {"c fixed at 1, refit codebooks", "16 cached views, 6,000 steps", "feature dim 32"}
     only_at_16 |= {"lambda1 0.5", "weight decay 0.0005", "weight decay 0.01", "tau_qc 0.15", "step size x2 (lr 0.02)"}
     only_at_16 |= {"weight decay 0.02", "decorrelation 0.3", "decorrelation 1", "step size x4 (lr 0.04)"}
-    only_at_16 |= {"feature dim 128, step size x2"}
+    only_at_16 |= {"feature dim 128, step size x2", "hierarchy 200/100/50", "hierarchy 80/40/20"}
     not_at_16 = {"feature dim 128, 3,000 steps"}  # (the 16-bit model trains 3,000 steps already)
     expected = set(SIXTEEN) - (not_at_16 if bits == 16 else only_at_16)
     assert set(cands) - {"defaults (today's configs)"} == expected
@@ -258,14 +260,14 @@ def test_sixteen_bit_study_starts_from_todays_configs(study, bits):
         over = study.set_overrides(set_name, args)
         ref = load_config(f"cifar10-ii-{bits}", [*over, *cands["defaults (today's configs)"]]).to_dict()
         today = _todays_config(bits, over, ref)
-        for section in ("features", "projector", "quantizer", "loss", "train"):
+        for section in ("features", "projector", "quantizer", "loss", "train", "hierarchy"):
             assert ref[section] == today[section], (set_name, section)
         for name, cand in cands.items():
             cfg = load_config(f"cifar10-ii-{bits}", [*over, *cand]).to_dict()
             for sec, keys in SIXTEEN.get(name, {}).items():  # (the reference changes nothing)
                 assert any(cfg[sec][k] != ref[sec][k] for k in keys), name
                 cfg[sec].update({k: ref[sec][k] for k in keys})
-            for section in ("features", "projector", "quantizer", "loss", "train"):
+            for section in ("features", "projector", "quantizer", "loss", "train", "hierarchy"):
                 assert cfg[section] == ref[section], (name, section)
 
 

@@ -207,6 +207,11 @@ class Config:
             )
         if self.train.min_lr > self.train.lr:
             raise ConfigError(f"train.min_lr={self.train.min_lr} is above train.lr={self.train.lr}")
+        if self.loss.decorrelation > 0 and q.n_subspaces < 2:
+            raise ConfigError(
+                f"loss.decorrelation={self.loss.decorrelation} decorrelates subspaces, and {q.bits} bits of "
+                f"{q.n_codewords} codewords make one; set loss.decorrelation=0 or use more bits"
+            )
         levels = self.hierarchy.levels
         if list(levels) != sorted(set(levels), reverse=True):
             raise ConfigError(f"hierarchy.levels must be distinct positive sizes, coarsest last; got {levels}")

@@ -219,9 +219,9 @@ def subspace_correlation(t: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     standardised over the batch; for every pair of subspaces m < m' the D x D cross-correlation matrix C is
     taken, and the result is sum(C**2) / D averaged over the pairs: 0 when the subspaces are uncorrelated, 1 when
     each coordinate of one is a linear function of one coordinate of another (for whitened subspaces, the mean
-    squared canonical correlation). A product
-    code of M subspaces that learn the same directions (the 16-bit model's top canonical correlations are ~0.97)
-    spends its bits twice; the penalty asks each subspace for what the others do not already encode.
+    squared canonical correlation; coordinates correlated within a subspace can take it above 1). A product code
+    of M subspaces that learn the same directions spends its bits twice; the penalty asks each subspace for what
+    the others do not already encode (measured in bench/subspace_redundancy.py; README: Levers at 16 bits).
     """
     t = _check_batch("t", t, 2)
     if t.dim() != 3 or t.shape[1] < 2:
