@@ -105,7 +105,8 @@ def main() -> None:
     ways, codes = searched_ways(model, prep, cfg.eval.topk)
     found = {"map": ways, **shared(model, prep, codes)}
     curvature = [round(c, 3) for c in scores["history"][-1]["curvature"]]
-    print(f"{args.bits} bits, {args.set}, seed {args.seed}, {' '.join(args.options) or 'today config'}: c {curvature}")
+    what = " ".join(args.options) or "today's config"
+    print(f"{args.bits} bits, {args.set}, seed {args.seed}, {what}: c {curvature}")
     for k, v in found["map"].items():
         print(f"  mAP@{cfg.eval.topk} {k:<26} {100 * v:6.2f}")
     for k in ("canonical_correlations_top5", "canonical_correlation_mean", "codes_nmi"):
