@@ -59,8 +59,7 @@ def searched_ways(model, prep, topk: int) -> dict[str, float]:
         codes = quantizer.encode(db).long()
         table = quantizer.distance_table(q)  # (n_q, M, K)
         adc = [table[:, m][:, codes[:, m]] for m in range(codes.shape[1])]
-        c = quantizer.curvature.detach().reshape(-1, 1, 1).to(q.dtype)
-        cont = quantizer.geo.pairwise_dist(q.transpose(0, 1), db.transpose(0, 1), c=c)  # (M, n_q, n_db)
+        cont = quantizer.pairwise_distance(q, db, per_subspace=True)  # (M, n_q, n_db)
     out = {"codes": score(sum(adc)), "embeddings": score(cont.sum(0))}
     for m in range(codes.shape[1]):
         out[f"codes, subspace {m}"] = score(adc[m])

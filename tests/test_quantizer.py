@@ -214,8 +214,9 @@ def test_product_distances_match_loops(geometry):
     assert pd.shape == (6, 4)
     for i in range(6):
         for j in range(4):
-            ref = sum(geo.dist(a[i, m], b[j, m], c=float(c[m])) for m in range(M))
-            torch.testing.assert_close(pd[i, j], ref)
+            per = [geo.dist(a[i, m], b[j, m], c=float(c[m])) for m in range(M)]
+            torch.testing.assert_close(pd[i, j], sum(per))
+            torch.testing.assert_close(q.pairwise_distance(a, b, per_subspace=True)[:, i, j], torch.stack(per))
     torch.testing.assert_close(q.distance(a[:4], b), pd[:4].diagonal())
     torch.testing.assert_close(q.distance(a[:, None], b[None]), pd)  # broadcasting (..., M, D)
 

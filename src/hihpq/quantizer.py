@@ -474,15 +474,15 @@ class ProductQuantizer(nn.Module):
     # ------------------------------------------------------------------------------------------------------
 
     @_exact
-    def pairwise_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def pairwise_distance(self, a: torch.Tensor, b: torch.Tensor, *, per_subspace: bool = False) -> torch.Tensor:
         """a (n, M, D), b (m, M, D) -> (n, m): sum over subspaces of geodesic distances, each with its own
-        curvature (Eq. 8)."""
+        curvature (Eq. 8); the (M, n, m) distances of each subspace with ``per_subspace=True``."""
         a, b = self._check_points("a", a), self._check_points("b", b)
         dtype = torch.promote_types(self._dtype(a), b.dtype)
         d = self.geo.pairwise_dist(
             a.to(dtype).transpose(0, 1), b.to(dtype).transpose(0, 1), c=self._c(1, 1, dtype=dtype)
         )
-        return d.sum(0)
+        return d if per_subspace else d.sum(0)
 
     @_exact
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
